@@ -1,0 +1,212 @@
+"""Strict YAML -> dataclass configs: error messages, overrides, base inheritance, round trips."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import pytest
+import yaml
+
+from mar.config import (ConfigError, DataConfig, OptimConfig, TrainConfig, config_from_dict, config_to_dict,
+                        effective_lr, load_config, save_config)
+
+
+def write(path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def names(cls) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def test_defaults_are_the_reference_recipe():
+    cfg = load_config(TrainConfig)
+    assert cfg == TrainConfig()
+    o = cfg.optim
+    assert (o.blr, o.betas, o.weight_decay, o.grad_clip, o.ema_rate, o.warmup_epochs) == (1e-4, (0.9, 0.95), 0.02,
+                                                                                          3.0, 0.9999, 100)
+    m = cfg.model
+    assert (m.buffer_size, m.label_drop_prob, m.mask_ratio_min, m.diffusion_batch_mul, m.num_sampling_steps) == (
+        64, 0.1, 0.7, 4, "100")
+    assert cfg.train.trackers == ["jsonl"] and cfg.data.kind == "imagefolder"
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    p = write(tmp_path / "c.yaml", "optim:\n  bs: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, p)
+    assert str(e.value) == f"{p}: unknown key 'optim.bs'; valid keys in section 'optim': {names(OptimConfig)}"
+
+    p = write(tmp_path / "d.yaml", "optim:\n  batchsize: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, p)
+    assert str(e.value) == (f"{p}: unknown key 'optim.batchsize' (did you mean 'batch_size'?); "
+                            f"valid keys in section 'optim': {names(OptimConfig)}")
+
+    p = write(tmp_path / "e.yaml", "opt:\n  blr: 1.0\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, p)
+    assert str(e.value) == (f"{p}: unknown key 'opt' (did you mean 'optim'?); valid keys at the top level: "
+                            "task, model, tokenizer, data, optim, train, sample, vae")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model:\n  img_size: abc\n", "model.img_size: expected int, got str 'abc'"),
+    ("model:\n  img_size: 256.0\n", "model.img_size: expected int, got float 256.0"),
+    ("model:\n  img_size: true\n", "model.img_size: expected int, got bool True"),
+    ("data:\n  hflip: 1\n", "data.hflip: expected bool, got int 1"),
+    ("data:\n  hflip: yes\n", "data.hflip: expected bool, got str 'yes'"),  # YAML 1.2: yes is a string
+    ("optim:\n  blr: fast\n", "optim.blr: expected float, got str 'fast'"),
+    ("optim:\n  lr: [1]\n", "optim.lr: expected float or null, got list [1]"),
+    ("optim:\n  betas: [0.9]\n", "optim.betas: expected list of 2 [float, float], got 1 items [0.9]"),
+    ("optim:\n  betas: [0.9, x]\n", "optim.betas[1]: expected float, got str 'x'"),
+    ("model:\n  num_sampling_steps: 50\n", "model.num_sampling_steps: expected str, got int 50 (quote it in YAML)"),
+    ("model: 3\n", "model: expected section (a mapping of keys), got int 3"),
+    ("train:\n  trackers: jsonl\n", "train.trackers: expected list of one of 'jsonl', 'tensorboard', got str 'jsonl'"),
+])
+def test_wrong_type_names_key_type_and_value(tmp_path, text, message):
+    p = write(tmp_path / "c.yaml", text)
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, p)
+    assert str(e.value) == f"{p}: {message}"
+
+
+def test_bad_literal(tmp_path):
+    p = write(tmp_path / "c.yaml", "data:\n  kind: mnist\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, p)
+    assert str(e.value) == f"{p}: data.kind: expected one of 'imagefolder', 'fashion_mnist', 'latents', got str 'mnist'"
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, overrides=["train.trackers=[jsonl, wandb]"])
+    assert str(e.value) == ("override 'train.trackers=[jsonl, wandb]': train.trackers[1]: "
+                            "expected one of 'jsonl', 'tensorboard', got str 'wandb'")
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        load_config(TrainConfig, tmp_path / "nope.yaml")
+    assert str(e.value) == f"config file not found: {tmp_path / 'nope.yaml'}"
+    p = write(tmp_path / "c.yaml", "base: gone.yaml\n")
+    with pytest.raises(FileNotFoundError) as e:
+        load_config(TrainConfig, p)
+    assert str(e.value) == f"config file not found: {tmp_path / 'gone.yaml'} (the base of {p.resolve()})"
+
+
+@pytest.mark.parametrize("text", ["optim.blr", "=3", "optim..blr=1", "optim.blr-x=1", "optim. blr=1", "--=1"])
+def test_bad_override_syntax(text):
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, overrides=[text])
+    assert str(e.value) == f"bad override {text!r}: expected section.key=value, e.g. optim.blr=2e-4"
+
+
+def test_override_errors():
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, overrides=["optim.blr.x=1"])
+    assert str(e.value) == "bad override 'optim.blr.x=1': 'optim.blr' is a value, not a section"
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, overrides=["--optim.bs=4"])
+    assert str(e.value) == (f"override '--optim.bs=4': unknown key 'optim.bs'; "
+                            f"valid keys in section 'optim': {names(OptimConfig)}")
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, overrides=["optim.batch_size=0"])
+    assert str(e.value) == "override 'optim.batch_size=0': optim.batch_size must be >= 1, got 0"
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, overrides=["optim.betas=[0.9, 1.5]"])
+    assert str(e.value) == "override 'optim.betas=[0.9, 1.5]': optim.betas must be in [0, 1), got [0.9, 1.5]"
+
+
+def test_overrides_parse_yaml_and_keep_text_for_strings():
+    cfg = load_config(TrainConfig, overrides=[
+        "optim.blr=2e-4", "--optim.betas=[0.8, 0.99]", "optim.lr=null", "model.num_sampling_steps=50",
+        "train.mixed_precision=no", "train.trackers=[jsonl, tensorboard]", "train.max_steps=10", "sample.cfg=3"])
+    assert cfg.optim.blr == 2e-4 and type(cfg.optim.blr) is float
+    assert cfg.optim.betas == (0.8, 0.99) and cfg.optim.lr is None
+    assert cfg.model.num_sampling_steps == "50" and cfg.train.mixed_precision == "no"
+    assert cfg.train.trackers == ["jsonl", "tensorboard"] and cfg.train.max_steps == 10
+    assert cfg.sample.cfg == 3.0 and type(cfg.sample.cfg) is float  # ints are accepted for floats
+
+
+def test_yaml_dialect_floats_and_no(tmp_path):
+    p = write(tmp_path / "c.yaml", "optim:\n  blr: 1e-4\n  lr: 5E-3\ntrain:\n  mixed_precision: no\n")
+    cfg = load_config(TrainConfig, p)
+    assert cfg.optim.blr == 1e-4 and cfg.optim.lr == 5e-3 and cfg.train.mixed_precision == "no"
+
+
+def test_precedence_base_file_then_overrides(tmp_path):
+    write(tmp_path / "bases" / "root.yaml", "optim:\n  blr: 3.0e-4\n  batch_size: 32\n  epochs: 7\n"
+                                            "model:\n  img_size: 64\n")
+    write(tmp_path / "bases" / "mid.yaml", "base: root.yaml\noptim:\n  epochs: 8\ndata:\n  kind: latents\n")
+    p = write(tmp_path / "run.yaml", "base: bases/mid.yaml\noptim:\n  blr: 2.0e-4\n")
+    cfg = load_config(TrainConfig, p)
+    assert (cfg.optim.blr, cfg.optim.batch_size, cfg.optim.epochs) == (2e-4, 32, 8)  # sections merge key by key
+    assert cfg.model.img_size == 64 and cfg.data.kind == "latents" and cfg.model.vae_stride == 16
+    cfg = load_config(TrainConfig, p, ["optim.blr=5e-4", "--optim.blr=6e-4", "optim.epochs=9"])
+    assert (cfg.optim.blr, cfg.optim.batch_size, cfg.optim.epochs) == (6e-4, 32, 9)  # later override wins
+
+
+def test_circular_base(tmp_path):
+    a = write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"circular 'base' chain"):
+        load_config(TrainConfig, a)
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = load_config(TrainConfig, overrides=[
+        "optim.lr=3e-4", "optim.betas=[0.5, 0.25]", "model.encoder_depth=2", "train.mixed_precision=no",
+        "tokenizer.scaling_factor=0.5", "data.path=/x y/z", "train.trackers=[tensorboard]"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert load_config(TrainConfig, tmp_path / "run" / "config.yaml") == cfg
+    plain = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert plain == config_to_dict(cfg) and plain["optim"]["betas"] == [0.5, 0.25]
+    assert config_from_dict(TrainConfig, config_to_dict(cfg)) == cfg
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["config.yaml"]  # no temporary file left
+
+
+def test_effective_lr_is_derived_not_stored():
+    cfg = load_config(TrainConfig, overrides=["optim.blr=2e-4"])
+    assert effective_lr(cfg.optim, 1024) == pytest.approx(2e-4 * 1024 / 256)
+    assert cfg.optim.lr is None
+    cfg = load_config(TrainConfig, overrides=["optim.lr=1e-3"])
+    assert effective_lr(cfg.optim, 1024) == 1e-3
+
+
+# --- the machinery is generic: another schema with required keys and deeper nesting ---
+@dataclass
+class Inner:
+    sizes: tuple[int, ...] = (1, 2)
+    mode: Literal["a", "b"] = "a"
+
+
+@dataclass
+class Section:
+    name: str  # required
+    inner: Inner = field(default_factory=Inner)
+    scale: Optional[float] = None
+
+
+@dataclass
+class Other:
+    section: Section = field(default_factory=lambda: Section(name="x"))
+
+
+def test_generic_schema(tmp_path):
+    p = write(tmp_path / "o.yaml", "section:\n  name: n\n  inner:\n    sizes: [3, 4, 5]\n")
+    cfg = load_config(Other, p, ["section.inner.mode=b", "section.scale=2"])
+    assert cfg == Other(Section(name="n", inner=Inner(sizes=(3, 4, 5), mode="b"), scale=2.0))
+    # a partial section is merged onto the default instance of its parent's field (name="x" here)
+    assert load_config(Other, write(tmp_path / "m.yaml", "section:\n  scale: 1.0\n")).section.name == "x"
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(Section, {"scale": 1.0})
+    assert str(e.value) == "missing required key 'name'"
+    with pytest.raises(ConfigError) as e:
+        load_config(Other, overrides=["section.inner.sizes=[1, 2.5]"])
+    assert str(e.value) == ("override 'section.inner.sizes=[1, 2.5]': "
+                            "section.inner.sizes[1]: expected int, got float 2.5")
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(Other, {"section": {"name": "n", "inner": {"depth": 1}}})
+    assert str(e.value) == f"unknown key 'section.inner.depth'; valid keys in section 'section.inner': {names(Inner)}"
+    assert config_from_dict(DataConfig, {"kind": "fashion_mnist"}).kind == "fashion_mnist"

@@ -98,6 +98,7 @@ class MAR(nn.Module):
         self.diffloss = DiffLoss(
             target_channels=self.token_embed_dim, z_channels=decoder_embed_dim, depth=diffloss_depth,
             width=diffloss_width, num_sampling_steps=num_sampling_steps, grad_checkpointing=grad_checkpointing,
+            generator=generator,
         )
 
     def initialize_weights(self, generator: torch.Generator | None = None) -> None:

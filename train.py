@@ -136,17 +136,19 @@ def batches(dataset, cfg: TrainConfig, start_step: int, rank: int, world: int):
 
 def cache_latents(cfg: TrainConfig, out: str, accelerator: Accelerator) -> None:
     """Encode the dataset once: posterior moments of each image and of its flip, plus labels."""
-    dataset = build_dataset(cfg, return_pair=True)
+    flip = cfg.data.hflip  # with data.hflip=false no flipped copies are encoded (half the time and space)
+    dataset = build_dataset(cfg, return_pair=flip)
     tok = build_tokenizer(cfg).to(accelerator.device).eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers)
     moments, flips, labels = [], [], []
     with torch.no_grad():
-        for img, img_flip, y in tqdm(loader, desc="caching latents"):
-            moments.append(tok.encode_moments(img.to(accelerator.device)).cpu())
-            flips.append(tok.encode_moments(img_flip.to(accelerator.device)).cpu())
-            labels.append(y)
+        for batch in tqdm(loader, desc="caching latents"):
+            moments.append(tok.encode_moments(batch[0].to(accelerator.device)).cpu())
+            if flip:
+                flips.append(tok.encode_moments(batch[1].to(accelerator.device)).cpu())
+            labels.append(batch[-1])
     meta = {"scaling_factor": str(tok.scaling_factor), "tokenizer": json.dumps(tok.config.to_dict())}
-    save_latent_cache(out, torch.cat(moments), torch.cat(flips), torch.cat(labels), meta)
+    save_latent_cache(out, torch.cat(moments), torch.cat(flips) if flip else None, torch.cat(labels), meta)
     print(f"wrote {out}: {sum(len(m) for m in moments)} images, moments {tuple(moments[0].shape[1:])}")
 
 

@@ -347,7 +347,7 @@ class OptimConfig:
     lr: Optional[float] = None
     min_lr: float = 0.0
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_epochs: int = 100
+    warmup_epochs: float = 100
     epochs: int = 400
     weight_decay: float = 0.02
     betas: tuple[float, float] = (0.9, 0.95)

@@ -112,6 +112,89 @@ def cmd_train_classifier(args: argparse.Namespace) -> dict:
     return summary
 
 
+def _primary(metrics: dict) -> str:
+    """The metric a sweep ranks by: the Frechet distance of the chosen features (lower is better)."""
+    return next(k for k in ("fid", "fd_fmnist") if k in metrics)
+
+
+def cmd_sweep(args: argparse.Namespace) -> dict:
+    """Sample every cfg x temperature setting with sample.py, score each folder, tabulate, plot, pick the best."""
+    import csv
+
+    import sample
+    from mar.plot import line_plot
+
+    if (args.ref is None) == (args.ref_stats is None):
+        raise UsageError("sweep needs exactly one of --ref (images or fashion_mnist:SPLIT) and --ref-stats (file)")
+    out = os.path.abspath(args.out)
+    argv = ["--out", out, "--cfg", *map(str, args.cfg), "--temperature", *map(str, args.temperature),
+            "--batch-size", str(args.sample_batch_size), "--seed", str(args.seed)]
+    for flag in ("run", "checkpoint", "model", "tokenizer", "num_images", "per_class", "num_iter", "num_sampling_steps",
+                 "cfg_schedule", "precision"):
+        value = getattr(args, flag)
+        if value is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(value)]
+    if len(args.cfg) * len(args.temperature) < 2:
+        raise UsageError("a sweep needs at least two settings: give several --cfg and/or --temperature values")
+    if sample.main(argv) != 0:
+        raise UsageError("sampling failed (see the message above)")
+    ref_stats = args.ref_stats
+    if ref_stats is None:  # reference statistics once, reused by every setting
+        ref_stats = os.path.join(out, f"reference_{args.features}.safetensors")
+        if not os.path.exists(ref_stats):
+            compute_reference_stats(args.ref, ref_stats, format="ours", **feature_kwargs(args))
+    rows = []
+    for cfg in args.cfg:
+        for temperature in args.temperature:
+            folder = os.path.join(out, f"cfg{float(cfg)}_temp{float(temperature)}")
+            result = score_folder(folder, ref_stats=ref_stats, metrics=["fid", "isc"], **feature_kwargs(args))
+            with open(os.path.join(folder, "settings.json")) as f:
+                speed = json.load(f).get("seconds_per_image")
+            rows.append({"cfg": cfg, "temperature": temperature, **result["metrics"], "seconds_per_image": speed,
+                         "folder": folder})
+    key = _primary(rows[0])
+    best = min(rows, key=lambda r: r[key])
+    with open(os.path.join(out, "sweep.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plots = {}
+    for metric in [key] + [m for m in ("class_accuracy", "is_mean", "is_fmnist_mean") if m in rows[0]]:
+        series = {f"temperature {t:g}": ([r["cfg"] for r in rows if r["temperature"] == t],
+                                         [r[metric] for r in rows if r["temperature"] == t]) for t in args.temperature}
+        plots[metric] = os.path.join(out, f"sweep_{metric}.png")
+        line_plot(series, plots[metric], title=f"{metric} vs cfg ({rows[0].get('num_images', '')} images per setting)",
+                  xlabel="cfg", ylabel=metric + (" (lower is better)" if metric == key else ""))
+    summary = {"primary_metric": key, "best": best, "rows": rows, "plots": plots, "reference": ref_stats}
+    write_json(summary, os.path.join(out, "sweep.json"))
+    print(f"best setting by {key}: cfg {best['cfg']}, temperature {best['temperature']} -> {best[key]:.4g}",
+          file=sys.stderr)
+    if args.report:
+        write_report(summary, args.report)
+    return summary
+
+
+def write_report(summary: dict, path: str) -> None:
+    """A short markdown report of a sweep: the table, the best setting's grid and the plots."""
+    rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(path)))  # noqa: E731
+    rows, key, best = summary["rows"], summary["primary_metric"], summary["best"]
+    cols = [c for c in (key, "class_accuracy", "is_mean", "is_fmnist_mean", "seconds_per_image") if c in rows[0]]
+    lines = ["# Sweep report", "", f"Ranked by `{key}` (lower is better); reference statistics: "
+             f"`{rel(summary['reference'])}`.", "", "| cfg | temperature | " + " | ".join(cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for r in rows:
+        mark = " **(best)**" if r is best else ""
+        lines.append(f"| {r['cfg']:g} | {r['temperature']:g}{mark} | "
+                     + " | ".join("" if r[c] is None else f"{r[c]:.4g}" for c in cols) + " |")
+    lines += ["", f"Best: cfg {best['cfg']:g}, temperature {best['temperature']:g}.", "",
+              f"![samples at the best setting]({rel(os.path.join(best['folder'], 'grid.png'))})", ""]
+    lines += [f"![{m} vs cfg]({rel(p)})" for m, p in summary["plots"].items()]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -146,6 +229,31 @@ def build_parser() -> Parser:
     p.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is available")
     p.add_argument("--threads", type=int, help="CPU threads (on a busy machine 1 can be several times faster)")
     p.set_defaults(func=cmd_train_classifier)
+
+    p = sub.add_parser("sweep", help="sample + score a grid of cfg x temperature; table, plot and best setting")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--run", help="train.py output folder (default: sample.py's default weights)")
+    src.add_argument("--checkpoint", help="MAR weights (ours or the published checkpoint-last.pth)")
+    p.add_argument("--model", help="MAR preset for published checkpoints")
+    p.add_argument("--tokenizer", help="KL-VAE file (kl16.ckpt or a project .safetensors)")
+    p.add_argument("--cfg", type=float, nargs="+", required=True)
+    p.add_argument("--temperature", type=float, nargs="+", default=[1.0])
+    n = p.add_mutually_exclusive_group()
+    n.add_argument("--num-images", type=int, help="images per setting")
+    n.add_argument("--per-class", type=int, help="images per class and setting")
+    p.add_argument("--num-iter", type=int)
+    p.add_argument("--num-sampling-steps", type=int)
+    p.add_argument("--cfg-schedule", choices=("linear", "constant"))
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--sample-batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    ref = p.add_mutually_exclusive_group()
+    ref.add_argument("--ref", metavar="SOURCE", help="reference images: folder, ADM npz or fashion_mnist:SPLIT")
+    ref.add_argument("--ref-stats", metavar="FILE", help="reference statistics: ADM .npz or ours .safetensors")
+    p.add_argument("--out", required=True, metavar="DIR", help="one sub-folder per setting + sweep.csv/json/png")
+    p.add_argument("--report", metavar="FILE", help="also write a markdown report here")
+    add_feature_args(p)
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 

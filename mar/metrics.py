@@ -168,6 +168,9 @@ class ImageFiles(Dataset):
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"image folder {folder} not found")
         names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+        samples = [f for f in names if LABELLED_NAME.match(f)]
+        if samples:  # a sample.py folder: only its samples (not grid.png or other pictures beside them)
+            names = samples
         if not names:
             raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
         self.paths = [os.path.join(folder, f) for f in names]

@@ -388,3 +388,18 @@ def test_image_folder_reading_and_errors(tmp_path, folders):
     Image.fromarray(np.zeros((9, 9), np.uint8)).save(tmp_path / "mixed" / "x.png")
     with pytest.raises(ValueError, match="differ in size"):
         ImageFiles(str(tmp_path / "mixed"))
+
+
+def test_sample_folder_ignores_grid_and_other_pictures(tmp_path):
+    """sample.py writes grid.png beside the {index}_c{class}.png samples: only the samples are scored."""
+    from PIL import Image
+
+    from mar.metrics import ImageFiles
+
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / f"{i:06d}_c{i % 2:03d}.png")
+    Image.fromarray(np.zeros((20, 50, 3), np.uint8)).save(tmp_path / "grid.png")
+    files = ImageFiles(str(tmp_path))
+    assert [os.path.basename(p) for p in files.paths] == ["000000_c000.png", "000001_c001.png", "000002_c000.png"]
+    assert files.labels() == [0, 1, 0]
+    assert int(files[2].float().mean()) == 80

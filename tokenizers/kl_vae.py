@@ -104,6 +104,7 @@ KL_VAE_PRESETS: dict[str, KLVAEConfig] = {
     # Small tokenizers for 32x32 images (train your own; calibrate scaling_factor with compute_scaling_factor).
     "kl_f4_c4": KLVAEConfig(block_out_channels=(32, 64, 64), latent_channels=4, norm_num_groups=16),  # 8x8x4
     "kl_f8_c4": KLVAEConfig(block_out_channels=(32, 64, 64, 128), latent_channels=4, norm_num_groups=16),  # 4x4x4
+    "kl_f4_c8": KLVAEConfig(block_out_channels=(32, 64, 64), latent_channels=8, norm_num_groups=16),  # 8x8x8
 }
 
 

@@ -181,6 +181,12 @@ def train(cfg: TrainConfig, args) -> int:
     cpu = not torch.cuda.is_available()
     precision = ("no" if cpu else "bf16") if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision
     run_dir = Path(cfg.train.output_dir)
+    if "tensorboard" in cfg.train.trackers:
+        import importlib.util
+
+        if not (importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")):
+            raise ConfigError("train.trackers has tensorboard but the tensorboard package is not installed: "
+                              "pip install tensorboard, or use train.trackers=[jsonl]")
     accelerator = Accelerator(cpu=cpu, mixed_precision=precision, log_with=[JSONLTracker(str(run_dir))]
                               + (["tensorboard"] if "tensorboard" in cfg.train.trackers else []), project_dir=str(run_dir))
     if args.cache_latents:
@@ -365,7 +371,7 @@ def finish(cfg, trained, tokenizer, dataset, run_dir: Path, device) -> None:
         trained.config = dataclasses.replace(trained.config, scaling_factor=factor)
         out = run_dir / "tokenizer.safetensors"
         trained.save(out)
-        print(f"latent scaling factor (1/std over {len(dataset)} images at most 2048 used): {factor:.4f}")
+        print(f"latent scaling factor 1/std from {min(len(dataset), 2048)} training images: {factor:.4f}")
     print(f"wrote {out}")
 
 

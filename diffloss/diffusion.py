@@ -89,6 +89,29 @@ def respaced_betas(betas: Tensor, kept: Tensor) -> Tensor:
     return 1.0 - abar / prev
 
 
+def annealed_step_counts(start: int, end: int, num_iter: int, shape: str = "linear") -> list[int]:
+    """Diffusion steps K_k for MAR iterations k = 0..num_iter-1, going from `start` (k = 0) to `end` (last).
+
+    u = k / (num_iter - 1) (u = 0 when num_iter = 1); linear: K = start + (end - start) u;
+    cosine: K = end + (start - end) (1 + cos(pi u)) / 2 (stays near `start` longer, then falls). Rounded half
+    up to an int. A fast-path option: the reference uses one fixed count for every iteration.
+    """
+    for name, v in (("start", start), ("end", end)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+            raise ValueError(f"diffusion step counts must be ints >= 2 (a diffusion has 2 steps or more), "
+                             f"got {name}={v!r}")
+    if num_iter < 1:
+        raise ValueError(f"num_iter must be >= 1, got {num_iter}")
+    if shape not in ("linear", "cosine"):
+        raise ValueError(f"unknown step-count schedule {shape!r}: use 'linear' or 'cosine'")
+    counts = []
+    for k in range(num_iter):
+        u = k / (num_iter - 1) if num_iter > 1 else 0.0
+        w = 1.0 - u if shape == "linear" else (1.0 + math.cos(math.pi * u)) / 2.0  # weight of `start`
+        counts.append(int(math.floor(end + (start - end) * w + 0.5)))
+    return counts
+
+
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element, in nats."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
@@ -165,6 +188,9 @@ class GaussianDiffusion:
             "post_var": self.posterior_variance,
             "post_logvar_clipped": self.posterior_log_variance_clipped,
             "log_betas": torch.log(betas),
+            # DDIM (fast path only)
+            "sqrt_abar_prev": abar_prev.sqrt(),
+            "one_minus_abar_prev": 1.0 - abar_prev,
         }
         self._on_device: dict[torch.device, dict[str, Tensor]] = {}
 
@@ -276,6 +302,68 @@ class GaussianDiffusion:
             else:
                 eta = step_noise[s].to(device=x.device, dtype=x.dtype)
             x = self.p_sample(model_output, x, t, eta, temperature)
+        return x
+
+    # -- DDIM (an opt-in fast path; the reference sampler above stays the default) ---------------------
+    def ddim_step(self, model_output: Tensor, xt: Tensor, t: Tensor, noise: Tensor | None,
+                  eta: float = 0.0, temperature: float = 1.0) -> Tensor:
+        """One DDIM step on this (respaced) schedule (Song et al. 2021, eq. 12), from the eps channels only:
+
+            x0_hat  = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps_hat
+            sigma_t = eta sqrt((1 - abar_{t-1}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t-1}) = eta sqrt(pvar_t)
+            x_{t-1} = sqrt(abar_{t-1}) x0_hat + sqrt(1 - abar_{t-1} - sigma_t^2) eps_hat + sigma_t noise temperature
+
+        The learned variance channels are ignored. eta = 0 is deterministic (`noise` may be None); with
+        eta = 1 the mean equals the ancestral mean and sigma_t^2 = pvar_t, so a net whose v outputs -1 gives
+        exactly the DDPM step. At t = 0, abar_{-1} = 1 and pvar_0 = 0: the step returns x0_hat.
+        """
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = ancestral variance), got {eta}")
+        channels = xt.shape[1]
+        if model_output.shape[1] != 2 * channels:
+            raise ValueError(f"model_output must have 2C = {2 * channels} channels (eps, v), "
+                             f"got {model_output.shape[1]}")
+        eps = model_output[:, :channels]
+        tables = self._device_tables(xt.device)
+        idx = t.to(xt.device)
+        shape = (-1, *([1] * (xt.dim() - 1)))
+        sigma2 = eta * eta * tables["post_var"][idx]  # in the tables' float64
+        direction = (tables["one_minus_abar_prev"][idx] - sigma2).clamp(min=0.0).sqrt()
+        pred_x0 = self._coef("sqrt_recip_abar", t, xt) * xt - self._coef("sqrt_recipm1_abar", t, xt) * eps
+        x = self._coef("sqrt_abar_prev", t, xt) * pred_x0 + direction.to(xt.dtype).view(shape) * eps
+        if eta == 0.0:
+            return x
+        if noise is None:
+            raise ValueError("DDIM with eta > 0 needs noise")
+        return x + sigma2.sqrt().to(xt.dtype).view(shape) * noise * temperature
+
+    def ddim_sample_loop(self, net_fn: ModelFn, shape: tuple[int, ...], noise: Tensor | None = None,
+                         eta: float = 0.0, temperature: float = 1.0, generator: torch.Generator | None = None,
+                         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                         step_noise: Tensor | None = None) -> Tensor:
+        """DDIM from index K-1 down to 0, the net fed the original timesteps; returns x_0 of `shape`.
+
+        x_{K-1} = `noise` (or N(0, I) drawn with `generator`). With eta = 0 nothing else is drawn; with
+        eta > 0 fresh N(0, I) of the full shape is drawn per step (as in `p_sample_loop`) or taken from
+        `step_noise` (K, *shape). `temperature` scales only the injected noise, so it has no effect at eta = 0.
+        """
+        check_generator(generator, noise.device if noise is not None else torch.device(device or "cpu"))
+        if noise is None:
+            noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        if tuple(noise.shape) != tuple(shape):
+            raise ValueError(f"noise has shape {tuple(noise.shape)} but shape is {tuple(shape)}")
+        if step_noise is not None and tuple(step_noise.shape) != (self.num_timesteps, *shape):
+            raise ValueError(f"step_noise must have shape {(self.num_timesteps, *tuple(shape))} (steps, *shape), "
+                             f"got {tuple(step_noise.shape)}")
+        x = noise
+        for s, i in enumerate(reversed(range(self.num_timesteps))):
+            t = torch.full((shape[0],), i, device=x.device, dtype=torch.long)
+            model_output = net_fn(x, self.original_timesteps(t))
+            fresh = None
+            if eta > 0.0:
+                fresh = (torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                         if step_noise is None else step_noise[s].to(device=x.device, dtype=x.dtype))
+            x = self.ddim_step(model_output, x, t, fresh, eta, temperature)
         return x
 
 

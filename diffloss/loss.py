@@ -10,6 +10,8 @@ The transformer only sees two calls: `forward(target, z, mask) -> loss` and
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -17,6 +19,8 @@ from .diffusion import GaussianDiffusion, check_generator, cosine_diffusion
 from .mlp import SimpleMLPAdaLN
 
 NUM_TRAIN_TIMESTEPS = 1000
+SAMPLERS = ("ddpm", "ddim")  # "ddpm": the reference ancestral sampler (default); "ddim": fast path
+AUTOCAST_DTYPES = (None, torch.bfloat16, torch.float16)
 
 
 def guided_model_output(net: nn.Module, x: Tensor, t: Tensor, c: Tensor, cfg: float) -> Tensor:
@@ -51,6 +55,18 @@ class DiffLoss(nn.Module):
                                   generator=generator)
         self.train_diffusion: GaussianDiffusion = cosine_diffusion(None, NUM_TRAIN_TIMESTEPS)
         self.set_sampling_steps(num_sampling_steps)
+        self._respaced: dict[int, GaussianDiffusion] = {}  # fast path: respaced diffusions by step count
+
+    def sampling_diffusion(self, num_steps: int | None = None) -> GaussianDiffusion:
+        """The sampler's diffusion: `gen_diffusion` for None, else the schedule respaced to `num_steps`
+        (2..1000) evenly, built once per count and cached (the annealed schedule asks for many counts)."""
+        if num_steps is None:
+            return self.gen_diffusion
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 2 <= num_steps <= NUM_TRAIN_TIMESTEPS:
+            raise ValueError(f"num_steps must be an int in [2, {NUM_TRAIN_TIMESTEPS}] or None, got {num_steps!r}")
+        if num_steps not in self._respaced:
+            self._respaced[num_steps] = cosine_diffusion(num_steps, NUM_TRAIN_TIMESTEPS)
+        return self._respaced[num_steps]
 
     def set_sampling_steps(self, num_sampling_steps: int | str) -> None:
         """Respace the sampler to `num_sampling_steps` (e.g. 100 or "100") of the 1000 training steps;
@@ -84,7 +100,8 @@ class DiffLoss(nn.Module):
     @torch.no_grad()
     def sample(self, z: Tensor, temperature: float = 1.0, cfg: float = 1.0,
                generator: torch.Generator | None = None,
-               noise: tuple[Tensor, Tensor] | None = None) -> Tensor:
+               noise: tuple[Tensor, Tensor | None] | None = None, *, sampler: str = "ddpm", eta: float = 0.0,
+               num_steps: int | None = None, autocast_dtype: torch.dtype | None = None) -> Tensor:
         """Sample tokens (N, C) by ancestral sampling over `num_sampling_steps` (K).
 
         cfg == 1: z (N, D), x_T ~ N(0, I) (N, C). cfg != 1: z = [cond; uncond] (2N, D); x_T is drawn for
@@ -92,7 +109,14 @@ class DiffLoss(nn.Module):
         is returned. All noise is drawn with `generator` on z.device in z.dtype: x_T first, then (rows, C)
         per step. `noise` = (x_T (N, C), per-step noise (K, len(z), C)) replaces those draws (e.g. noise
         drawn sample by sample from per-sample generators).
+
+        Fast path (opt-in; the defaults are the reference sampler): `sampler="ddim"` with `eta` in [0, 1]
+        (eta = 0: deterministic, no per-step noise, so noise[1] may be None); `num_steps` respaces to that
+        many steps instead of `num_sampling_steps` (K becomes num_steps); `autocast_dtype` (torch.bfloat16 or
+        torch.float16) runs the net under autocast while x and the diffusion arithmetic stay in z.dtype.
         """
+        check_sampling_options(sampler, eta, autocast_dtype)
+        diffusion = self.sampling_diffusion(num_steps)
         if z.dim() != 2:
             raise ValueError(f"z must be (N, D), got {tuple(z.shape)}")
         check_generator(generator, z.device)
@@ -107,14 +131,65 @@ class DiffLoss(nn.Module):
             x_T, step_noise = noise[0].to(device=z.device, dtype=z.dtype), noise[1]
             if tuple(x_T.shape) != (n, self.in_channels):
                 raise ValueError(f"noise[0] (x_T) must have shape {(n, self.in_channels)}, got {tuple(x_T.shape)}")
+        net = self.net if autocast_dtype is None else _output_in_input_dtype(self.net)
         if guided:
             x_T = torch.cat([x_T, x_T], dim=0)  # (2N, C): both halves start from the same noise
 
             def net_fn(x: Tensor, t: Tensor) -> Tensor:
-                return guided_model_output(self.net, x, t, z, float(cfg))
+                return guided_model_output(net, x, t, z, float(cfg))
         else:
             def net_fn(x: Tensor, t: Tensor) -> Tensor:
-                return self.net(x, t, z)
-        x = self.gen_diffusion.p_sample_loop(net_fn, tuple(x_T.shape), x_T, temperature, generator,
-                                             step_noise=step_noise)
+                return net(x, t, z)
+        with autocast_region(self, z.device.type, autocast_dtype):  # weights are cast once, not at every step
+            if sampler == "ddim":
+                x = diffusion.ddim_sample_loop(net_fn, tuple(x_T.shape), x_T, eta, temperature, generator,
+                                               step_noise=step_noise)
+            else:
+                x = diffusion.p_sample_loop(net_fn, tuple(x_T.shape), x_T, temperature, generator,
+                                            step_noise=step_noise)
         return x[:n]
+
+
+def check_sampling_options(sampler: str = "ddpm", eta: float = 0.0, autocast_dtype: torch.dtype | None = None) -> None:
+    """One clear error for a bad fast-path option."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    if sampler == "ddpm" and eta != 0.0:
+        raise ValueError(f"eta={eta} applies to sampler='ddim' only; the ddpm sampler has no eta")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1] (0 = deterministic DDIM), got {eta}")
+    if autocast_dtype not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {autocast_dtype!r}")
+
+
+@contextlib.contextmanager
+def autocast_region(module: nn.Module, device_type: str, dtype: torch.dtype | None):
+    """``torch.autocast(device_type, dtype)`` for a whole sampling loop; nothing when dtype is None.
+
+    autocast keeps its low-precision copy of a weight for the whole region only for leaf tensors that
+    require grad; the parameters of a frozen model (``requires_grad_(False)``, e.g. an EMA copy) would be
+    cast again at every call, which makes the head's small matmuls slower than in fp32. Their flag is set
+    for the region and restored after it. Use under ``torch.no_grad()`` only (nothing may be recorded).
+    """
+    if dtype is None:
+        yield
+        return
+    if torch.is_grad_enabled():
+        raise RuntimeError("autocast_region is for sampling: call it under torch.no_grad()")
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.autocast(device_type, dtype=dtype):
+            yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+def _output_in_input_dtype(net: nn.Module):
+    """net(x, t, c) with its (autocast, lower-precision) output cast back to x.dtype, so CFG and the
+    diffusion arithmetic run at full precision."""
+    def fn(x: Tensor, t: Tensor, c: Tensor) -> Tensor:
+        return net(x, t, c).to(x.dtype)
+    return fn

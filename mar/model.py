@@ -25,6 +25,8 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from diffloss import DiffLoss
+from diffloss.diffusion import annealed_step_counts
+from diffloss.loss import NUM_TRAIN_TIMESTEPS, autocast_region, check_sampling_options
 from mar import masking
 
 
@@ -199,16 +201,32 @@ class MAR(nn.Module):
         temperature: float = 1.0,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         progress: bool = False,
+        *,
+        sampler: str = "ddpm",
+        eta: float = 0.0,
+        diffusion_steps_schedule: tuple[int, int] | None = None,
+        diffusion_steps_shape: str = "linear",
+        autocast_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """Generate (B, c, h, w) tokens (SPEC 4).
 
         ``generator``: one generator for the batch, or a list of B generators (one per sample), in
         which case sample b depends only on its own generator, whatever the batch around it.
         ``labels`` None generates unconditionally (the fake class vector).
+
+        Fast path, opt-in (the defaults run the reference algorithm, unchanged):
+        ``sampler="ddim"`` with ``eta`` in [0, 1] for the head (0 = deterministic); ``diffusion_steps_schedule``
+        = (start, end) diffusion steps for the first and the last MAR iteration, interpolated over the
+        iterations by ``diffusion_steps_shape`` ("linear" or "cosine", see ``annealed_step_counts``; None =
+        the model's fixed ``num_sampling_steps``); ``autocast_dtype`` (torch.bfloat16 / torch.float16) runs the
+        transformer and the head under autocast, tokens and diffusion arithmetic staying in the model dtype.
         """
         device, dtype = self.fake_latent.device, self.fake_latent.dtype
         b, L, C = batch_size, self.seq_len, self.token_embed_dim
         per_sample = isinstance(generator, (list, tuple))
+        check_sampling_options(sampler, eta, autocast_dtype)
+        step_counts = self._diffusion_step_counts(diffusion_steps_schedule, diffusion_steps_shape, num_iter)
+        fast = sampler != "ddpm" or step_counts is not None or autocast_dtype is not None
         if labels is not None:
             if labels.shape != (b,):
                 raise ValueError(f"labels must have shape ({b},), got {tuple(labels.shape)}")
@@ -224,34 +242,76 @@ class MAR(nn.Module):
         orders = masking.random_orders(b, L, generator, device)
         tokens = torch.zeros(b, L, C, device=device, dtype=dtype)
         masked_now = L
-        for k in tqdm(range(num_iter), disable=not progress, desc="MAR steps", leave=False):
-            m_next = masked_after[k]
-            if m_next == masked_now:  # the clamp left nothing to predict at this step
-                continue
-            visible = orders[:, masked_now:].sort(dim=-1).values
-            pred = orders[:, m_next:masked_now].sort(dim=-1).values  # (B, n) positions predicted now
-            x, vis, pos = tokens, visible, pred
-            if use_cfg:
-                x, vis, pos = torch.cat([x, x]), torch.cat([vis, vis]), torch.cat([pred, pred])
-            z = self.forward_mae_decoder(self.forward_mae_encoder(x, vis, class_embedding), vis)
-            z = torch.gather(z, 1, pos.unsqueeze(-1).expand(-1, -1, z.shape[-1]))  # (B or 2B, n, D)
-            n = pred.shape[1]
-            noise = self._step_noise(generator, b, n, use_cfg, device, dtype) if per_sample else None
-            new = self.diffloss.sample(z.reshape(-1, z.shape[-1]), temperature=temperature, cfg=scales[k],
-                                       generator=None if per_sample else generator, noise=noise)
-            tokens = tokens.scatter(1, pred.unsqueeze(-1).expand(-1, -1, C), new.reshape(b, n, C).to(dtype))
-            masked_now = m_next
+        with autocast_region(self, device.type, autocast_dtype):  # no-op on the exact path; casts weights once
+            for k in tqdm(range(num_iter), disable=not progress, desc="MAR steps", leave=False):
+                m_next = masked_after[k]
+                if m_next == masked_now:  # the clamp left nothing to predict at this step
+                    continue
+                visible = orders[:, masked_now:].sort(dim=-1).values
+                pred = orders[:, m_next:masked_now].sort(dim=-1).values  # (B, n) positions predicted now
+                x, vis, pos = tokens, visible, pred
+                if use_cfg:
+                    x, vis, pos = torch.cat([x, x]), torch.cat([vis, vis]), torch.cat([pred, pred])
+                z = self.forward_mae_decoder(self.forward_mae_encoder(x, vis, class_embedding), vis)
+                z = torch.gather(z, 1, pos.unsqueeze(-1).expand(-1, -1, z.shape[-1]))  # (B or 2B, n, D)
+                n = pred.shape[1]
+                if not fast:  # the reference path
+                    noise = self._step_noise(generator, b, n, use_cfg, device, dtype) if per_sample else None
+                    new = self.diffloss.sample(z.reshape(-1, z.shape[-1]), temperature=temperature, cfg=scales[k],
+                                               generator=None if per_sample else generator, noise=noise)
+                else:
+                    steps = step_counts[k] if step_counts is not None else None
+                    drawn = 0 if sampler == "ddim" and eta == 0.0 else steps  # deterministic DDIM draws x_T only
+                    noise = self._step_noise(generator, b, n, use_cfg, device, dtype, drawn) if per_sample else None
+                    new = self.diffloss.sample(z.reshape(-1, z.shape[-1]).to(dtype), temperature=temperature,
+                                               cfg=scales[k], generator=None if per_sample else generator,
+                                               noise=noise, sampler=sampler, eta=eta, num_steps=steps,
+                                               autocast_dtype=autocast_dtype)
+                tokens = tokens.scatter(1, pred.unsqueeze(-1).expand(-1, -1, C), new.reshape(b, n, C).to(dtype))
+                masked_now = m_next
         return self.unpatchify(tokens)
 
-    def _step_noise(self, generators, b: int, n: int, use_cfg: bool, device, dtype):
+    @staticmethod
+    def _diffusion_step_counts(schedule: tuple[int, int] | None, shape: str, num_iter: int) -> list[int] | None:
+        """Diffusion steps per MAR iteration for the annealed fast path; None = the fixed num_sampling_steps."""
+        if schedule is None:
+            return None
+        if not (isinstance(schedule, (tuple, list)) and len(schedule) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and 2 <= v <= NUM_TRAIN_TIMESTEPS
+                        for v in schedule)):
+            raise ValueError(f"diffusion_steps_schedule must be (start, end), two ints in [2, {NUM_TRAIN_TIMESTEPS}] "
+                             f"(e.g. (100, 25)), or None, got {schedule!r}")
+        return annealed_step_counts(schedule[0], schedule[1], num_iter, shape)
+
+    def _step_noise(self, generators, b: int, n: int, use_cfg: bool, device, dtype, steps: int | None = None):
         """All diffusion noise of one generation step, drawn sample by sample from its own generator.
 
         Returns (x_T (B*n, C), per-step noise (S, rows, C)) in the row layout of ``DiffLoss.sample``:
         with CFG, x_T is shared by the two halves and the rows are [cond (B*n); uncond (B*n)].
+        ``steps`` S defaults to ``num_sampling_steps``; S = 0 (deterministic DDIM) returns (x_T, None).
         """
-        steps, C = self.diffloss.num_sampling_steps, self.token_embed_dim
+        steps = self.diffloss.num_sampling_steps if steps is None else steps
+        C = self.token_embed_dim
         halves = 2 if use_cfg else 1
         draws = [masking.randn((1 + steps * halves, n, C), g, device, dtype) for g in generators]
         x_t = torch.cat([d[0] for d in draws])  # (B*n, C)
+        if steps == 0:
+            return x_t, None
         per_step = torch.stack([d[1:].reshape(steps, halves, n, C) for d in draws], dim=2)  # (S, halves, B, n, C)
         return x_t, per_step.reshape(steps, halves * b * n, C)
+
+
+def compile_for_sampling(model: MAR, **compile_kwargs) -> MAR:
+    """Opt-in speed-up: ``torch.compile`` every transformer block and the Diffusion-Loss MLP, in place.
+
+    Uses ``nn.Module.compile``, so parameter names and ``state_dict`` keys do not change. The first
+    generation pays the compilation (about 46 s on one CPU core for the fmnist model: the encoder sees a
+    new sequence length at every MAR step and the head a new row count, so shapes are marked dynamic
+    unless ``compile_kwargs`` says otherwise). Results agree with eager to float rounding, not bit for bit.
+    On CPU it brought no speed-up (benchmarks/README.md); it is meant for GPUs. Returns ``model``.
+    """
+    compile_kwargs.setdefault("dynamic", True)
+    for block in (*model.encoder_blocks, *model.decoder_blocks):
+        block.compile(**compile_kwargs)
+    model.diffloss.net.compile(**compile_kwargs)
+    return model

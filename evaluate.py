@@ -130,10 +130,12 @@ def cmd_sweep(args: argparse.Namespace) -> dict:
     argv = ["--out", out, "--cfg", *map(str, args.cfg), "--temperature", *map(str, args.temperature),
             "--batch-size", str(args.sample_batch_size), "--seed", str(args.seed)]
     for flag in ("run", "checkpoint", "model", "tokenizer", "num_images", "per_class", "num_iter", "num_sampling_steps",
-                 "cfg_schedule", "precision"):
+                 "cfg_schedule", "precision", "sampler", "eta"):
         value = getattr(args, flag)
         if value is not None:
             argv += [f"--{flag.replace('_', '-')}", str(value)]
+    if args.diffusion_steps:
+        argv += ["--diffusion-steps", *map(str, args.diffusion_steps)]
     if len(args.cfg) * len(args.temperature) < 2:
         raise UsageError("a sweep needs at least two settings: give several --cfg and/or --temperature values")
     if sample.main(argv) != 0:
@@ -245,6 +247,10 @@ def build_parser() -> Parser:
     p.add_argument("--num-sampling-steps", type=int)
     p.add_argument("--cfg-schedule", choices=("linear", "constant"))
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), help="fast path: diffusion sampler of the head")
+    p.add_argument("--eta", type=float, help="fast path: DDIM noise")
+    p.add_argument("--diffusion-steps", type=int, nargs=2, metavar=("FIRST", "LAST"),
+                   help="fast path: diffusion steps annealed over the MAR iterations")
     p.add_argument("--sample-batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     ref = p.add_mutually_exclusive_group()

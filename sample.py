@@ -173,7 +173,8 @@ def sample_setting(acc, model, tok, folder: Path, key: dict, record: dict, class
         for s in range(0, len(mine), bs):
             batch = mine[s:s + bs]
             images = S.generate_images(model, tok, batch, classes, args.seed, key["num_iter"], key["cfg"],
-                                       key["cfg_schedule"], key["temperature"], args.precision, pad_to=bs)
+                                       key["cfg_schedule"], key["temperature"], args.precision, pad_to=bs,
+                                       sampler=args.sampler, eta=args.eta, diffusion_steps=args.diffusion_steps)
             for i, img in zip(batch, images):
                 if args.grid_only:
                     made.append((i, img))
@@ -229,6 +230,11 @@ def parse_args(argv):
     p.add_argument("--num-sampling-steps", type=int, help="diffusion steps per token (default: the model's, 100)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch and process")
     p.add_argument("--precision", choices=tuple(S.PRECISIONS), default="fp32", help="autocast dtype of MAR")
+    fast = p.add_argument_group("fast path (opt-in; the defaults are the exact reference sampler)")
+    fast.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="diffusion sampler of the head")
+    fast.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
+    fast.add_argument("--diffusion-steps", type=int, nargs=2, metavar=("FIRST", "LAST"),
+                      help="diffusion steps annealed from the first to the last MAR iteration (e.g. 50 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default: samples/<run>/<setting>)")
     p.add_argument("--npz", action="store_true", help="also write samples.npz (arr_0: uint8 N x H x W x 3)")
@@ -262,7 +268,9 @@ def run(args) -> int:
     # what the images depend on (a folder made with another key is refused) ...
     base = {"mar_weights_sha256": S.fingerprint(state), "ema": args.ema, "model": {"preset": preset, **kwargs},
             "tokenizer_sha256": S.fingerprint(tok.vae.state_dict(), tok.config.to_dict()),
-            "num_sampling_steps": model.diffloss.num_sampling_steps, "precision": args.precision, "seed": args.seed,
+            "num_sampling_steps": model.diffloss.num_sampling_steps, "precision": args.precision,
+            "sampler": args.sampler, "eta": args.eta,
+            "diffusion_steps": list(args.diffusion_steps) if args.diffusion_steps else None, "seed": args.seed,
             "classes": ",".join(map(str, classes)), "cfg_schedule": args.cfg_schedule or defaults.cfg_schedule}
     # ... and what is recorded beside it
     paths = {"mar": weights, "tokenizer": tok_path, "run": run_dir}

@@ -13,7 +13,6 @@ atomically; ``settings.json`` records the settings the folder was made with.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -163,16 +162,15 @@ def check_folder(folder: Path, key: dict, num_images: int, classes: Sequence[int
 
 
 # --- generation -------------------------------------------------------------------------------------------------
-def autocast(device: torch.device, precision: str):
-    dtype = PRECISIONS[precision]
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
-
-
 @torch.no_grad()
 def generate_images(model, tokenizer, indices: Sequence[int], classes: Sequence[int], seed: int, num_iter: int,
                     cfg: float, cfg_schedule: str, temperature: float, precision: str = "fp32",
-                    pad_to: int = 0) -> np.ndarray:
+                    pad_to: int = 0, sampler: str = "ddpm", eta: float = 0.0,
+                    diffusion_steps: tuple[int, int] | None = None) -> np.ndarray:
     """Images of `indices` as uint8 (n, H, W, C): one generator and label per index.
+
+    `precision`, `sampler`, `eta` and `diffusion_steps` (annealed (first, last) diffusion steps) select the
+    opt-in fast path of ``MAR.sample_tokens``; the defaults are the exact reference sampler in fp32.
 
     The batch is padded to `pad_to` samples (repeats of the last index, dropped after), so every batch
     of a run has the same shapes and picks the same kernels; `decode_each` does the same for the decoder.
@@ -182,9 +180,10 @@ def generate_images(model, tokenizer, indices: Sequence[int], classes: Sequence[
     padded = list(indices) + [indices[-1]] * max(0, pad_to - n)
     generators = [torch.Generator(device).manual_seed(item_seed(seed, i)) for i in padded]
     labels = torch.tensor([label_of(i, classes) for i in padded], device=device)
-    with autocast(device, precision):
-        tokens = model.sample_tokens(len(padded), num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
-                                     labels=labels, temperature=temperature, generator=generators)
+    tokens = model.sample_tokens(len(padded), num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
+                                 labels=labels, temperature=temperature, generator=generators, sampler=sampler,
+                                 eta=eta, diffusion_steps_schedule=diffusion_steps,
+                                 autocast_dtype=PRECISIONS[precision])
     return tokenizer.to_uint8(decode_each(tokenizer, tokens[:n].float())).cpu().numpy()
 
 

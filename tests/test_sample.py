@@ -367,3 +367,19 @@ def test_evaluate_sweep_table_plot_report_and_best(files, tmp_path, capsys):
             assert im.size == (720, 460)
     text = report.read_text()
     assert "**(best)**" in text and "sweep_fd_fmnist.png" in text and text.count("\n| ") == 5
+
+
+def test_fast_path_flags_are_opt_in_and_recorded(files, tmp_path, capsys):
+    """--sampler/--diffusion-steps/--precision reach sample_tokens: other images than the exact default, and a
+    folder made with them is refused for a rerun without them (they are part of the settings key)."""
+    exact = tmp_path / "exact"
+    fast = tmp_path / "fast"
+    assert call(capsys, "--run", str(files / "run"), "--num-images", "4", "--out", str(exact))[0] == 0
+    code, _, _ = call(capsys, "--run", str(files / "run"), "--num-images", "4", "--out", str(fast), "--sampler", "ddim",
+                   "--diffusion-steps", "5", "2", "--precision", "bf16")
+    assert code == 0
+    key = settings(fast)["key"]
+    assert key["sampler"] == "ddim" and key["diffusion_steps"] == [5, 2] and key["precision"] == "bf16"
+    assert any((pngs(exact)[k] != pngs(fast)[k]).any() for k in pngs(exact))
+    code, _, err = call(capsys, "--run", str(files / "run"), "--num-images", "4", "--out", str(fast))
+    assert code == 2 and "another --out" in err

@@ -34,7 +34,7 @@ from mar.checkpoint import (CheckpointError, checkpoint_path, export_safetensors
 from mar.config import ConfigError, TrainConfig, config_to_dict, effective_lr, load_config, save_config
 from mar.data import FashionMNISTDataset, ImageFolderDataset, LatentCacheDataset, save_latent_cache
 from mar.images import save_grid
-from mar.training import batch_indices, ema_update, lr_at, param_groups, slot_seed
+from mar.training import batch_indices, ema_decay, ema_update, lr_at, param_groups, slot_seed
 from tokenizers import KLTokenizer, kl_vae_preset
 from tokenizers.training import KLVAEObjective, estimate_scaling_factor
 
@@ -263,7 +263,7 @@ def train(cfg: TrainConfig, args) -> int:
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     data = batches(dataset, cfg, step, rank, world)
     bar = tqdm(total=max_steps, initial=step, disable=not accelerator.is_local_main_process, desc=f"train {cfg.task}")
-    t_last, n_last = time.perf_counter(), 0
+    t_last, n_last = time.perf_counter(), step
     try:
         while step < max_steps:
             lr = lr_at(step / max(steps_per_epoch, 1), base_lr, cfg.optim.warmup_epochs, cfg.optim.epochs,
@@ -302,12 +302,13 @@ def train(cfg: TrainConfig, args) -> int:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            ema_update(ema, unwrapped if cfg.task == "mar" else unwrapped.tokenizer, cfg.optim.ema_rate)
+            ema_update(ema, unwrapped if cfg.task == "mar" else unwrapped.tokenizer,
+                       ema_decay(cfg.optim.ema_rate, step, cfg.optim.ema_warmup))
             step += 1
             bar.update(1)
             if step % cfg.train.log_every_steps == 0 or step == max_steps:
                 dt = time.perf_counter() - t_last
-                ips = (step - n_last) * global_batch / max(dt, 1e-9) if n_last or step else 0.0
+                ips = (step - n_last) * global_batch / max(dt, 1e-9)
                 t_last, n_last = time.perf_counter(), step
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
                 accelerator.log({"loss": mean_loss, "lr": lr, "images_per_s": ips,

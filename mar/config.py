@@ -40,7 +40,16 @@ class ConfigError(ValueError):
 
 # --- YAML dialect: PyYAML's safe loader with YAML 1.2 booleans and floats ---------------------------------
 class _Loader(yaml.SafeLoader):
-    pass
+    def construct_mapping(self, node, deep=False):
+        """A key given twice in one mapping is an error (PyYAML would silently keep the last one)."""
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"key {key!r} appears twice in the same section (line {key_node.start_mark.line + 1}):"
+                                  " keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
@@ -353,6 +362,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 3.0
     ema_rate: float = 0.9999
+    ema_warmup: bool = False  # decay min(ema_rate, (1+step)/(10+step)): for short runs; off in the reference recipe
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")

@@ -44,6 +44,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
+def ema_decay(rate: float, step: int, warmup: bool = False) -> float:
+    """EMA decay at optimizer ``step``: ``rate``, or with warmup min(rate, (1 + step) / (10 + step)).
+
+    The warmup lets short runs use an EMA (a fixed 0.9999 keeps 90% of the initial weights after 1000
+    steps); the reference recipe uses the fixed rate.
+    """
+    return min(rate, (1.0 + step) / (10.0 + step)) if warmup else rate
+
+
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, rate: float) -> None:
     """ema <- rate * ema + (1 - rate) * model, parameter by parameter; buffers are copied."""

@@ -210,3 +210,9 @@ def test_generic_schema(tmp_path):
         config_from_dict(Other, {"section": {"name": "n", "inner": {"depth": 1}}})
     assert str(e.value) == f"unknown key 'section.inner.depth'; valid keys in section 'section.inner': {names(Inner)}"
     assert config_from_dict(DataConfig, {"kind": "fashion_mnist"}).kind == "fashion_mnist"
+
+
+def test_duplicate_key_is_an_error(tmp_path):
+    p = write(tmp_path / "dup.yaml", "optim:\n  ema_rate: 0.9\n  lr: 1.0e-3\n  ema_rate: 0.99\n")
+    with pytest.raises(ConfigError, match=r"key 'ema_rate' appears twice in the same section \(line 4\)"):
+        load_config(TrainConfig, p)

@@ -274,6 +274,19 @@ class GaussianDiffusion:
         nonzero = (t != 0).to(device=xt.device, dtype=xt.dtype).view(-1, *([1] * (xt.dim() - 1)))
         return mean + nonzero * torch.exp(0.5 * log_var) * noise * temperature
 
+    def _start(self, shape: tuple[int, ...], noise: Tensor | None, generator: torch.Generator | None,
+               device, dtype, step_noise: Tensor | None) -> Tensor:
+        """x at the first sampling step: `noise`, or N(0, I) drawn with `generator`; checks `step_noise`'s shape."""
+        check_generator(generator, noise.device if noise is not None else torch.device(device or "cpu"))
+        if noise is None:
+            noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        if tuple(noise.shape) != tuple(shape):
+            raise ValueError(f"noise has shape {tuple(noise.shape)} but shape is {tuple(shape)}")
+        if step_noise is not None and tuple(step_noise.shape) != (self.num_timesteps, *shape):
+            raise ValueError(f"step_noise must have shape {(self.num_timesteps, *tuple(shape))} (steps, *shape), "
+                             f"got {tuple(step_noise.shape)}")
+        return noise
+
     def p_sample_loop(self, net_fn: ModelFn, shape: tuple[int, ...], noise: Tensor | None = None,
                       temperature: float = 1.0, generator: torch.Generator | None = None,
                       device: torch.device | str | None = None, dtype: torch.dtype | None = None,
@@ -285,15 +298,7 @@ class GaussianDiffusion:
         full shape is drawn with `generator` (also at the last step, where it is multiplied by 0), or
         taken from `step_noise` (K, *shape), row s for the s-th step taken.
         """
-        check_generator(generator, noise.device if noise is not None else torch.device(device or "cpu"))
-        if noise is None:
-            noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-        if tuple(noise.shape) != tuple(shape):
-            raise ValueError(f"noise has shape {tuple(noise.shape)} but shape is {tuple(shape)}")
-        if step_noise is not None and tuple(step_noise.shape) != (self.num_timesteps, *shape):
-            raise ValueError(f"step_noise must have shape {(self.num_timesteps, *tuple(shape))} (steps, *shape), "
-                             f"got {tuple(step_noise.shape)}")
-        x = noise
+        x = self._start(shape, noise, generator, device, dtype, step_noise)
         for s, i in enumerate(reversed(range(self.num_timesteps))):
             t = torch.full((shape[0],), i, device=x.device, dtype=torch.long)
             model_output = net_fn(x, self.original_timesteps(t))
@@ -347,15 +352,7 @@ class GaussianDiffusion:
         eta > 0 fresh N(0, I) of the full shape is drawn per step (as in `p_sample_loop`) or taken from
         `step_noise` (K, *shape). `temperature` scales only the injected noise, so it has no effect at eta = 0.
         """
-        check_generator(generator, noise.device if noise is not None else torch.device(device or "cpu"))
-        if noise is None:
-            noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-        if tuple(noise.shape) != tuple(shape):
-            raise ValueError(f"noise has shape {tuple(noise.shape)} but shape is {tuple(shape)}")
-        if step_noise is not None and tuple(step_noise.shape) != (self.num_timesteps, *shape):
-            raise ValueError(f"step_noise must have shape {(self.num_timesteps, *tuple(shape))} (steps, *shape), "
-                             f"got {tuple(step_noise.shape)}")
-        x = noise
+        x = self._start(shape, noise, generator, device, dtype, step_noise)
         for s, i in enumerate(reversed(range(self.num_timesteps))):
             t = torch.full((shape[0],), i, device=x.device, dtype=torch.long)
             model_output = net_fn(x, self.original_timesteps(t))

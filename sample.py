@@ -35,6 +35,7 @@ from mar.checkpoint import (CheckpointError, find_latest_checkpoint, load_checkp
 from mar.config import SampleConfig
 from mar.images import save_png
 from mar.presets import PRESETS, create_model, load_state_dict_strict
+from mar.training import check_launch
 from tokenizers import KLTokenizer, KLVAEConfig, kl_vae_preset
 
 DEFAULT_RUN = Path(__file__).resolve().parent / "pretrained" / "fmnist"  # shipped Fashion-MNIST weights
@@ -248,9 +249,7 @@ def run(args) -> int:
     if args.grid_only and args.npz:
         raise ValueError("--grid-only writes no per-image files, so no npz: drop --npz or --grid-only")
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    if int(os.environ.get("WORLD_SIZE", "1")) != acc.num_processes:
-        raise ValueError(f"launched as {os.environ['WORLD_SIZE']} processes but accelerate runs {acc.num_processes}: "
-                         "on CPU use ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...")
+    check_launch(acc.num_processes)
     weights, run_dir = resolve_weights(args)
     state, config, tok_meta = read_weights(weights, args.ema)
     tok_path = find_tokenizer(args, run_dir, config, weights)

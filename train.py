@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -34,7 +33,7 @@ from mar.checkpoint import (CheckpointError, checkpoint_path, export_safetensors
 from mar.config import ConfigError, TrainConfig, config_to_dict, effective_lr, load_config, save_config
 from mar.data import FashionMNISTDataset, ImageFolderDataset, LatentCacheDataset, save_latent_cache
 from mar.images import save_grid
-from mar.training import batch_indices, ema_decay, ema_update, lr_at, param_groups, slot_seed
+from mar.training import batch_indices, check_launch, ema_decay, ema_update, lr_at, param_groups, slot_seed
 from tokenizers import KLTokenizer, kl_vae_preset
 from tokenizers.training import KLVAEObjective, estimate_scaling_factor
 
@@ -194,10 +193,7 @@ def train(cfg: TrainConfig, args) -> int:
             cache_latents(cfg, args.cache_latents, accelerator)
         return 0
     rank, world, accum, device = accelerator.process_index, accelerator.num_processes, cfg.optim.grad_accum, accelerator.device
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != world:
-        raise RuntimeError(f"launched as {launched} processes but accelerate runs {world}: the processes are not "
-                           "synchronised. On CPU use ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...")
+    check_launch(world)
     global_batch = cfg.optim.batch_size * accum * world
     dataset = build_dataset(cfg)
     steps_per_epoch = len(dataset) // global_batch

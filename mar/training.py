@@ -10,6 +10,7 @@ accumulation steps, draws exactly the same numbers.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -77,3 +78,15 @@ def batch_indices(num_items: int, seed: int, step: int, global_batch: int, slot:
     epoch, within = divmod(step, steps_per_epoch)
     start = within * global_batch + slot * micro_batch
     return epoch, epoch_permutation(num_items, seed, epoch)[start:start + micro_batch]
+
+
+def check_launch(num_processes: int) -> None:
+    """Refuse to run when the launcher started more processes than accelerate sees (they would not sync).
+
+    The trap (see ENV.md): ``accelerate launch --multi_gpu`` on a machine without GPUs and without
+    ACCELERATE_USE_CPU=1 starts independent single-process runs that all believe they are rank 0.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != num_processes:
+        raise ValueError(f"launched as {launched} processes but accelerate runs {num_processes}: the processes are "
+                         "not synchronised. On CPU use ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...")

@@ -57,3 +57,14 @@ def test_slots_of_a_step_partition_the_global_batch_and_epochs_permute():
     assert torch.equal(batch_indices(n, 3, 5, g, 1, b)[1], batch_indices(n, 3, 5, g, 1, b)[1])
     with pytest.raises(ValueError, match="fewer than one global batch"):
         batch_indices(4, 0, 0, 8, 0, 2)
+
+
+def test_launch_trap_is_refused(monkeypatch):
+    from mar.training import check_launch
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu"):
+        check_launch(1)
+    check_launch(2)
+    monkeypatch.delenv("WORLD_SIZE")
+    check_launch(1)

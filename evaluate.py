@@ -21,9 +21,11 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
+from mar import sampling
 from mar.classifier import (ClassifierConfig, FashionClassifier, class_accuracy, fashion_mnist_uint8,
                             save_classifier, train_classifier)
 from mar.data import FASHION_MNIST_ROOT
@@ -65,14 +67,10 @@ def feature_kwargs(args: argparse.Namespace) -> dict:
 
 def write_json(obj: dict, path: str | None) -> None:
     """Print ``obj`` as JSON on stdout and, if ``path``, write it there atomically."""
-    text = json.dumps(obj, indent=2)
-    print(text)
+    print(json.dumps(obj, indent=2))
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, path)
+        sampling.write_json(obj, Path(path))
 
 
 def cmd_score(args: argparse.Namespace) -> dict:

@@ -32,7 +32,7 @@ from mar.checkpoint import (CheckpointError, checkpoint_path, export_safetensors
                             load_checkpoint, save_checkpoint)
 from mar.config import ConfigError, TrainConfig, config_to_dict, effective_lr, load_config, save_config
 from mar.data import FashionMNISTDataset, ImageFolderDataset, LatentCacheDataset, save_latent_cache
-from mar.images import save_grid
+from mar.sampling import write_grid
 from mar.training import batch_indices, check_launch, ema_decay, ema_update, lr_at, param_groups, slot_seed
 from tokenizers import KLTokenizer, kl_vae_preset
 from tokenizers.training import KLVAEObjective, estimate_scaling_factor
@@ -351,7 +351,7 @@ def write_sample_grid(ema, tokenizer: KLTokenizer, cfg: TrainConfig, path: Path)
                                temperature=cfg.sample.temperature, generator=g)
     images = tokenizer.to_uint8(tokenizer.decode(tokens)).cpu().numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_grid(images, path, nrow=8, upscale=max(1, 64 // images.shape[1]))
+    write_grid(images, 8, path)
 
 
 def finish(cfg, trained, tokenizer, dataset, run_dir: Path, device) -> None:

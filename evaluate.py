@@ -128,7 +128,7 @@ def cmd_sweep(args: argparse.Namespace) -> dict:
     argv = ["--out", out, "--cfg", *map(str, args.cfg), "--temperature", *map(str, args.temperature),
             "--batch-size", str(args.sample_batch_size), "--seed", str(args.seed)]
     for flag in ("run", "checkpoint", "model", "tokenizer", "num_images", "per_class", "num_iter", "num_sampling_steps",
-                 "cfg_schedule", "precision", "sampler", "eta"):
+                 "cfg_schedule", "precision", "sampler", "eta", "clip_denoised"):
         value = getattr(args, flag)
         if value is not None:
             argv += [f"--{flag.replace('_', '-')}", str(value)]
@@ -249,6 +249,8 @@ def build_parser() -> Parser:
     p.add_argument("--eta", type=float, help="fast path: DDIM noise")
     p.add_argument("--diffusion-steps", type=int, nargs=2, metavar=("FIRST", "LAST"),
                    help="fast path: diffusion steps annealed over the MAR iterations")
+    p.add_argument("--clip-denoised", metavar="R|off",
+                   help="guard: clamp the predicted x0 to [-R, R] ('off' = reference; default: the run's config)")
     p.add_argument("--sample-batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     ref = p.add_mutually_exclusive_group()

@@ -175,7 +175,8 @@ def sample_setting(acc, model, tok, folder: Path, key: dict, record: dict, class
             batch = mine[s:s + bs]
             images = S.generate_images(model, tok, batch, classes, args.seed, key["num_iter"], key["cfg"],
                                        key["cfg_schedule"], key["temperature"], args.precision, pad_to=bs,
-                                       sampler=args.sampler, eta=args.eta, diffusion_steps=args.diffusion_steps)
+                                       sampler=args.sampler, eta=args.eta, diffusion_steps=args.diffusion_steps,
+                                       clip_denoised=key.get("clip_denoised"))
             for i, img in zip(batch, images):
                 if args.grid_only:
                     made.append((i, img))
@@ -211,6 +212,19 @@ def sample_setting(acc, model, tok, folder: Path, key: dict, record: dict, class
               f"{speed['images_per_second']:.2f} images/s")
 
 
+def parse_clip(text: str) -> float:
+    """--clip-denoised: a positive number, or 'off' (returned as 0.0: explicitly off, whatever the run's config)."""
+    if text.strip().lower() in ("off", "none"):
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'off', got {text!r}")
+    return value
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
@@ -236,6 +250,10 @@ def parse_args(argv):
     fast.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
     fast.add_argument("--diffusion-steps", type=int, nargs=2, metavar=("FIRST", "LAST"),
                       help="diffusion steps annealed from the first to the last MAR iteration (e.g. 50 10)")
+    guard = p.add_argument_group("guard (opt-in; a run's config may set it, sample.clip_denoised)")
+    guard.add_argument("--clip-denoised", type=parse_clip, metavar="R|off",
+                       help="clamp the head's predicted x0 to [-R, R] at every diffusion step (token units); "
+                            "'off' = the reference sampler (default: the run's sample.clip_denoised, else off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default: samples/<run>/<setting>)")
     p.add_argument("--npz", action="store_true", help="also write samples.npz (arr_0: uint8 N x H x W x 3)")
@@ -262,6 +280,7 @@ def run(args) -> int:
          else S.default_num_images(len(classes)))
     defaults = SampleConfig(**(config or {}).get("sample", {}))
     iters = args.num_iter or [min(defaults.num_iter, model.seq_len)]
+    clip = defaults.clip_denoised if args.clip_denoised is None else (args.clip_denoised or None)
     if not all(1 <= k <= model.seq_len for k in iters):
         raise ValueError(f"--num-iter must be in [1, {model.seq_len}] (the number of tokens), got {iters}")
     # what the images depend on (a folder made with another key is refused) ...
@@ -270,7 +289,8 @@ def run(args) -> int:
             "num_sampling_steps": model.diffloss.num_sampling_steps, "precision": args.precision,
             "sampler": args.sampler, "eta": args.eta,
             "diffusion_steps": list(args.diffusion_steps) if args.diffusion_steps else None, "seed": args.seed,
-            "classes": ",".join(map(str, classes)), "cfg_schedule": args.cfg_schedule or defaults.cfg_schedule}
+            "classes": ",".join(map(str, classes)), "cfg_schedule": args.cfg_schedule or defaults.cfg_schedule,
+            **({"clip_denoised": clip} if clip is not None else {})}  # absent = the reference sampler
     # ... and what is recorded beside it
     paths = {"mar": weights, "tokenizer": tok_path, "run": run_dir}
     record = {"format": S.SETTINGS_FORMAT, "num_images": n, "label_rule": "label(i) = classes[i % len(classes)]",

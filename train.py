@@ -348,7 +348,8 @@ def write_sample_grid(ema, tokenizer: KLTokenizer, cfg: TrainConfig, path: Path)
     g = torch.Generator(labels.device).manual_seed(cfg.train.seed)
     tokens = ema.sample_tokens(len(labels), num_iter=min(cfg.sample.num_iter, ema.seq_len), cfg=cfg.sample.cfg,
                                cfg_schedule=cfg.sample.cfg_schedule, labels=labels,
-                               temperature=cfg.sample.temperature, generator=g)
+                               temperature=cfg.sample.temperature, generator=g,
+                               clip_denoised=cfg.sample.clip_denoised)
     images = tokenizer.to_uint8(tokenizer.decode(tokens)).cpu().numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     write_grid(images, 8, path)

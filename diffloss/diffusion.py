@@ -222,8 +222,13 @@ class GaussianDiffusion:
         mean = self._coef("coef1", t, xt) * x0 + self._coef("coef2", t, xt) * xt
         return mean, self._coef("post_var", t, xt), self._coef("post_logvar_clipped", t, xt)
 
-    def p_mean_variance(self, model_output: Tensor, xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """p(x_{t-1} | x_t) from the net's (eps_hat, v) (N, 2C): returns (mean, log variance, x0_hat)."""
+    def p_mean_variance(self, model_output: Tensor, xt: Tensor, t: Tensor,
+                        clip_denoised: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """p(x_{t-1} | x_t) from the net's (eps_hat, v) (N, 2C): returns (mean, log variance, x0_hat).
+
+        `clip_denoised` r (opt-in, None = the reference: no clipping) clamps x0_hat to [-r, r] before the
+        posterior mean, IDDPM's `clip_denoised` with the range in token units instead of [-1, 1].
+        """
         channels = xt.shape[1]
         if model_output.shape[1] != 2 * channels:
             raise ValueError(f"model_output must have 2C = {2 * channels} channels (eps, v), "
@@ -232,9 +237,14 @@ class GaussianDiffusion:
         frac = (v + 1) / 2
         log_var = (frac * self._coef("log_betas", t, xt)
                    + (1 - frac) * self._coef("post_logvar_clipped", t, xt))
-        pred_x0 = self._coef("sqrt_recip_abar", t, xt) * xt - self._coef("sqrt_recipm1_abar", t, xt) * eps
+        pred_x0 = self._predict_x0(xt, t, eps, clip_denoised)
         mean = self._coef("coef1", t, xt) * pred_x0 + self._coef("coef2", t, xt) * xt
         return mean, log_var, pred_x0
+
+    def _predict_x0(self, xt: Tensor, t: Tensor, eps: Tensor, clip_denoised: float | None = None) -> Tensor:
+        """x0_hat = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps_hat, clamped to [-r, r] when r = clip_denoised."""
+        pred_x0 = self._coef("sqrt_recip_abar", t, xt) * xt - self._coef("sqrt_recipm1_abar", t, xt) * eps
+        return pred_x0 if clip_denoised is None else pred_x0.clamp(-clip_denoised, clip_denoised)
 
     # -- training ----------------------------------------------------------------------------------
     def hybrid_loss_terms(self, model_output: Tensor, x0: Tensor, xt: Tensor, t: Tensor,
@@ -268,9 +278,9 @@ class GaussianDiffusion:
 
     # -- sampling ----------------------------------------------------------------------------------
     def p_sample(self, model_output: Tensor, xt: Tensor, t: Tensor, noise: Tensor,
-                 temperature: float = 1.0) -> Tensor:
+                 temperature: float = 1.0, clip_denoised: float | None = None) -> Tensor:
         """One ancestral step: x_{t-1} = mean + [t > 0] exp(0.5 logvar) noise temperature."""
-        mean, log_var, _ = self.p_mean_variance(model_output, xt, t)
+        mean, log_var, _ = self.p_mean_variance(model_output, xt, t, clip_denoised)
         nonzero = (t != 0).to(device=xt.device, dtype=xt.dtype).view(-1, *([1] * (xt.dim() - 1)))
         return mean + nonzero * torch.exp(0.5 * log_var) * noise * temperature
 
@@ -290,13 +300,14 @@ class GaussianDiffusion:
     def p_sample_loop(self, net_fn: ModelFn, shape: tuple[int, ...], noise: Tensor | None = None,
                       temperature: float = 1.0, generator: torch.Generator | None = None,
                       device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                      step_noise: Tensor | None = None) -> Tensor:
+                      step_noise: Tensor | None = None, clip_denoised: float | None = None) -> Tensor:
         """Ancestral sampling from index K-1 down to 0; returns x_0 of `shape`.
 
         x_{K-1} = `noise` (or N(0, I) drawn with `generator` on device/dtype); at each step the net gets
         the ORIGINAL timesteps (timestep_map, e.g. 999, 989, ..., 10, 0) and fresh N(0, I) noise of the
         full shape is drawn with `generator` (also at the last step, where it is multiplied by 0), or
-        taken from `step_noise` (K, *shape), row s for the s-th step taken.
+        taken from `step_noise` (K, *shape), row s for the s-th step taken. `clip_denoised`: see
+        `p_mean_variance` (opt-in; None is the reference sampler).
         """
         x = self._start(shape, noise, generator, device, dtype, step_noise)
         for s, i in enumerate(reversed(range(self.num_timesteps))):
@@ -306,12 +317,12 @@ class GaussianDiffusion:
                 eta = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             else:
                 eta = step_noise[s].to(device=x.device, dtype=x.dtype)
-            x = self.p_sample(model_output, x, t, eta, temperature)
+            x = self.p_sample(model_output, x, t, eta, temperature, clip_denoised)
         return x
 
     # -- DDIM (an opt-in fast path; the reference sampler above stays the default) ---------------------
     def ddim_step(self, model_output: Tensor, xt: Tensor, t: Tensor, noise: Tensor | None,
-                  eta: float = 0.0, temperature: float = 1.0) -> Tensor:
+                  eta: float = 0.0, temperature: float = 1.0, clip_denoised: float | None = None) -> Tensor:
         """One DDIM step on this (respaced) schedule (Song et al. 2021, eq. 12), from the eps channels only:
 
             x0_hat  = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps_hat
@@ -321,6 +332,8 @@ class GaussianDiffusion:
         The learned variance channels are ignored. eta = 0 is deterministic (`noise` may be None); with
         eta = 1 the mean equals the ancestral mean and sigma_t^2 = pvar_t, so a net whose v outputs -1 gives
         exactly the DDPM step. At t = 0, abar_{-1} = 1 and pvar_0 = 0: the step returns x0_hat.
+        With `clip_denoised` r, x0_hat is clamped to [-r, r] and eps_hat is recomputed from it (as in
+        DDIM implementations that clip), so the step stays consistent with the clamped x0_hat.
         """
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = ancestral variance), got {eta}")
@@ -334,7 +347,10 @@ class GaussianDiffusion:
         shape = (-1, *([1] * (xt.dim() - 1)))
         sigma2 = eta * eta * tables["post_var"][idx]  # in the tables' float64
         direction = (tables["one_minus_abar_prev"][idx] - sigma2).clamp(min=0.0).sqrt()
-        pred_x0 = self._coef("sqrt_recip_abar", t, xt) * xt - self._coef("sqrt_recipm1_abar", t, xt) * eps
+        pred_x0 = self._predict_x0(xt, t, eps, clip_denoised)
+        if clip_denoised is not None:  # eps consistent with the clamped x0: (x_t sqrt(1/abar) - x0) / sqrt(1/abar - 1)
+            eps = ((self._coef("sqrt_recip_abar", t, xt) * xt - pred_x0)
+                   / self._coef("sqrt_recipm1_abar", t, xt))
         x = self._coef("sqrt_abar_prev", t, xt) * pred_x0 + direction.to(xt.dtype).view(shape) * eps
         if eta == 0.0:
             return x
@@ -345,7 +361,7 @@ class GaussianDiffusion:
     def ddim_sample_loop(self, net_fn: ModelFn, shape: tuple[int, ...], noise: Tensor | None = None,
                          eta: float = 0.0, temperature: float = 1.0, generator: torch.Generator | None = None,
                          device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                         step_noise: Tensor | None = None) -> Tensor:
+                         step_noise: Tensor | None = None, clip_denoised: float | None = None) -> Tensor:
         """DDIM from index K-1 down to 0, the net fed the original timesteps; returns x_0 of `shape`.
 
         x_{K-1} = `noise` (or N(0, I) drawn with `generator`). With eta = 0 nothing else is drawn; with
@@ -360,7 +376,7 @@ class GaussianDiffusion:
             if eta > 0.0:
                 fresh = (torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                          if step_noise is None else step_noise[s].to(device=x.device, dtype=x.dtype))
-            x = self.ddim_step(model_output, x, t, fresh, eta, temperature)
+            x = self.ddim_step(model_output, x, t, fresh, eta, temperature, clip_denoised)
         return x
 
 

@@ -11,6 +11,7 @@ The transformer only sees two calls: `forward(target, z, mask) -> loss` and
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import Tensor, nn
@@ -101,7 +102,8 @@ class DiffLoss(nn.Module):
     def sample(self, z: Tensor, temperature: float = 1.0, cfg: float = 1.0,
                generator: torch.Generator | None = None,
                noise: tuple[Tensor, Tensor | None] | None = None, *, sampler: str = "ddpm", eta: float = 0.0,
-               num_steps: int | None = None, autocast_dtype: torch.dtype | None = None) -> Tensor:
+               num_steps: int | None = None, autocast_dtype: torch.dtype | None = None,
+               clip_denoised: float | None = None) -> Tensor:
         """Sample tokens (N, C) by ancestral sampling over `num_sampling_steps` (K).
 
         cfg == 1: z (N, D), x_T ~ N(0, I) (N, C). cfg != 1: z = [cond; uncond] (2N, D); x_T is drawn for
@@ -114,8 +116,11 @@ class DiffLoss(nn.Module):
         (eta = 0: deterministic, no per-step noise, so noise[1] may be None); `num_steps` respaces to that
         many steps instead of `num_sampling_steps` (K becomes num_steps); `autocast_dtype` (torch.bfloat16 or
         torch.float16) runs the net under autocast while x and the diffusion arithmetic stay in z.dtype.
+
+        Guard (opt-in, either sampler): `clip_denoised` r clamps the predicted x0 to [-r, r] at every step
+        (see `GaussianDiffusion.p_mean_variance`); None, the default, is the reference sampler.
         """
-        check_sampling_options(sampler, eta, autocast_dtype)
+        check_sampling_options(sampler, eta, autocast_dtype, clip_denoised)
         diffusion = self.sampling_diffusion(num_steps)
         if z.dim() != 2:
             raise ValueError(f"z must be (N, D), got {tuple(z.shape)}")
@@ -143,15 +148,16 @@ class DiffLoss(nn.Module):
         with autocast_region(self, z.device.type, autocast_dtype):  # weights are cast once, not at every step
             if sampler == "ddim":
                 x = diffusion.ddim_sample_loop(net_fn, tuple(x_T.shape), x_T, eta, temperature, generator,
-                                               step_noise=step_noise)
+                                               step_noise=step_noise, clip_denoised=clip_denoised)
             else:
                 x = diffusion.p_sample_loop(net_fn, tuple(x_T.shape), x_T, temperature, generator,
-                                            step_noise=step_noise)
+                                            step_noise=step_noise, clip_denoised=clip_denoised)
         return x[:n]
 
 
-def check_sampling_options(sampler: str = "ddpm", eta: float = 0.0, autocast_dtype: torch.dtype | None = None) -> None:
-    """One clear error for a bad fast-path option."""
+def check_sampling_options(sampler: str = "ddpm", eta: float = 0.0, autocast_dtype: torch.dtype | None = None,
+                           clip_denoised: float | None = None) -> None:
+    """One clear error for a bad fast-path or guard option."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
     if sampler == "ddpm" and eta != 0.0:
@@ -160,6 +166,10 @@ def check_sampling_options(sampler: str = "ddpm", eta: float = 0.0, autocast_dty
         raise ValueError(f"eta must be in [0, 1] (0 = deterministic DDIM), got {eta}")
     if autocast_dtype not in AUTOCAST_DTYPES:
         raise ValueError(f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {autocast_dtype!r}")
+    if clip_denoised is not None and (isinstance(clip_denoised, bool) or not isinstance(clip_denoised, (int, float))
+                                      or not math.isfinite(clip_denoised) or clip_denoised <= 0):
+        raise ValueError(f"clip_denoised must be None (off, the reference) or a positive number r (the predicted "
+                         f"x0 is clamped to [-r, r], in token units), got {clip_denoised!r}")
 
 
 @contextlib.contextmanager

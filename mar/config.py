@@ -389,6 +389,8 @@ class SampleConfig:
     cfg: float = 1.0
     cfg_schedule: Literal["linear", "constant"] = "linear"
     temperature: float = 1.0
+    # opt-in sampler guard: clamp the head's predicted x0 to [-r, r] (token units); None = the reference
+    clip_denoised: Optional[float] = None
 
 
 @dataclass

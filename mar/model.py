@@ -207,6 +207,7 @@ class MAR(nn.Module):
         diffusion_steps_schedule: tuple[int, int] | None = None,
         diffusion_steps_shape: str = "linear",
         autocast_dtype: torch.dtype | None = None,
+        clip_denoised: float | None = None,
     ) -> torch.Tensor:
         """Generate (B, c, h, w) tokens (SPEC 4).
 
@@ -220,11 +221,15 @@ class MAR(nn.Module):
         iterations by ``diffusion_steps_shape`` ("linear" or "cosine", see ``annealed_step_counts``; None =
         the model's fixed ``num_sampling_steps``); ``autocast_dtype`` (torch.bfloat16 / torch.float16) runs the
         transformer and the head under autocast, tokens and diffusion arithmetic staying in the model dtype.
+
+        Guard, opt-in (either path): ``clip_denoised`` r clamps the head's predicted x0 to [-r, r] at every
+        diffusion step (``DiffLoss.sample``). It keeps an under-trained head stable: on the cosine schedule the
+        first respaced step multiplies the eps error by sqrt(abar_989 / abar_999) ~ 350. None = the reference.
         """
         device, dtype = self.fake_latent.device, self.fake_latent.dtype
         b, L, C = batch_size, self.seq_len, self.token_embed_dim
         per_sample = isinstance(generator, (list, tuple))
-        check_sampling_options(sampler, eta, autocast_dtype)
+        check_sampling_options(sampler, eta, autocast_dtype, clip_denoised)
         step_counts = self._diffusion_step_counts(diffusion_steps_schedule, diffusion_steps_shape, num_iter)
         fast = sampler != "ddpm" or step_counts is not None or autocast_dtype is not None
         if labels is not None:
@@ -258,7 +263,8 @@ class MAR(nn.Module):
                 if not fast:  # the reference path
                     noise = self._step_noise(generator, b, n, use_cfg, device, dtype) if per_sample else None
                     new = self.diffloss.sample(z.reshape(-1, z.shape[-1]), temperature=temperature, cfg=scales[k],
-                                               generator=None if per_sample else generator, noise=noise)
+                                               generator=None if per_sample else generator, noise=noise,
+                                               clip_denoised=clip_denoised)
                 else:
                     steps = step_counts[k] if step_counts is not None else None
                     drawn = 0 if sampler == "ddim" and eta == 0.0 else steps  # deterministic DDIM draws x_T only
@@ -266,7 +272,7 @@ class MAR(nn.Module):
                     new = self.diffloss.sample(z.reshape(-1, z.shape[-1]).to(dtype), temperature=temperature,
                                                cfg=scales[k], generator=None if per_sample else generator,
                                                noise=noise, sampler=sampler, eta=eta, num_steps=steps,
-                                               autocast_dtype=autocast_dtype)
+                                               autocast_dtype=autocast_dtype, clip_denoised=clip_denoised)
                 tokens = tokens.scatter(1, pred.unsqueeze(-1).expand(-1, -1, C), new.reshape(b, n, C).to(dtype))
                 masked_now = m_next
         return self.unpatchify(tokens)

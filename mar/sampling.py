@@ -166,11 +166,12 @@ def check_folder(folder: Path, key: dict, num_images: int, classes: Sequence[int
 def generate_images(model, tokenizer, indices: Sequence[int], classes: Sequence[int], seed: int, num_iter: int,
                     cfg: float, cfg_schedule: str, temperature: float, precision: str = "fp32",
                     pad_to: int = 0, sampler: str = "ddpm", eta: float = 0.0,
-                    diffusion_steps: tuple[int, int] | None = None) -> np.ndarray:
+                    diffusion_steps: tuple[int, int] | None = None, clip_denoised: float | None = None) -> np.ndarray:
     """Images of `indices` as uint8 (n, H, W, C): one generator and label per index.
 
     `precision`, `sampler`, `eta` and `diffusion_steps` (annealed (first, last) diffusion steps) select the
-    opt-in fast path of ``MAR.sample_tokens``; the defaults are the exact reference sampler in fp32.
+    opt-in fast path of ``MAR.sample_tokens`` and `clip_denoised` its opt-in guard; the defaults are the exact
+    reference sampler in fp32.
 
     The batch is padded to `pad_to` samples (repeats of the last index, dropped after), so every batch
     of a run has the same shapes and picks the same kernels; `decode_each` does the same for the decoder.
@@ -183,7 +184,7 @@ def generate_images(model, tokenizer, indices: Sequence[int], classes: Sequence[
     tokens = model.sample_tokens(len(padded), num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
                                  labels=labels, temperature=temperature, generator=generators, sampler=sampler,
                                  eta=eta, diffusion_steps_schedule=diffusion_steps,
-                                 autocast_dtype=PRECISIONS[precision])
+                                 autocast_dtype=PRECISIONS[precision], clip_denoised=clip_denoised)
     return tokenizer.to_uint8(decode_each(tokenizer, tokens[:n].float())).cpu().numpy()
 
 

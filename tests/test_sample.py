@@ -20,7 +20,7 @@ from PIL import Image
 
 import sample
 from mar import create_model, sampling
-from mar.checkpoint import export_safetensors, save_checkpoint
+from mar.checkpoint import export_safetensors, read_safetensors, save_checkpoint
 from mar.config import TrainConfig, config_to_dict, load_config
 from tokenizers import KLTokenizer, kl_vae_preset
 
@@ -383,3 +383,29 @@ def test_fast_path_flags_are_opt_in_and_recorded(files, tmp_path, capsys):
     assert any((pngs(exact)[k] != pngs(fast)[k]).any() for k in pngs(exact))
     code, _, err = call(capsys, "--run", str(files / "run"), "--num-images", "4", "--out", str(fast))
     assert code == 2 and "another --out" in err
+
+
+def test_clip_denoised_from_the_run_config_and_the_command_line(files, tmp_path, capsys):
+    """The guard is off unless asked for: a run's `sample.clip_denoised` turns it on (recorded in the settings
+    key), `--clip-denoised off` gives the reference images again, and a bad value is refused by argparse."""
+    state, meta = read_safetensors(files / "run" / "mar_ema.safetensors")
+    config = json.loads(meta["config"])
+    config["sample"]["clip_denoised"] = 0.05
+    guarded_run = tmp_path / "guarded_run"
+    export_safetensors(state, guarded_run / "mar_ema.safetensors", {**meta, "config": json.dumps(config)})
+    shutil.copy(files / "tokenizer.safetensors", guarded_run / "tokenizer.safetensors")
+    common = ["--num-images", 4, "--batch-size", 4]
+    assert call(capsys, "--run", files / "run", "--out", tmp_path / "ref", *common)[0] == 0
+    assert call(capsys, "--run", guarded_run, "--out", tmp_path / "cfg", *common)[0] == 0
+    assert call(capsys, "--run", guarded_run, "--out", tmp_path / "off", "--clip-denoised", "off", *common)[0] == 0
+    assert call(capsys, "--run", files / "run", "--out", tmp_path / "cli", "--clip-denoised", "0.05", *common)[0] == 0
+    assert "clip_denoised" not in settings(tmp_path / "ref")["key"] and "clip_denoised" not in settings(tmp_path / "off")["key"]
+    assert settings(tmp_path / "cfg")["key"]["clip_denoised"] == settings(tmp_path / "cli")["key"]["clip_denoised"] == 0.05
+    ref, guarded = pngs(tmp_path / "ref"), pngs(tmp_path / "cfg")
+    assert_same_images(pngs(tmp_path / "off"), ref)
+    assert list(pngs(tmp_path / "cli").values())[0].tobytes() == list(guarded.values())[0].tobytes()
+    assert all((ref[k] != guarded[k]).mean() > 0.3 for k in ref)
+    for bad in ("0", "-1", "abc"):
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--run", str(files / "run"), "--clip-denoised", bad])
+        assert e.value.code == 2 and "expected a positive number or 'off'" in capsys.readouterr().err

@@ -399,8 +399,9 @@ def test_clip_denoised_from_the_run_config_and_the_command_line(files, tmp_path,
     assert call(capsys, "--run", guarded_run, "--out", tmp_path / "cfg", *common)[0] == 0
     assert call(capsys, "--run", guarded_run, "--out", tmp_path / "off", "--clip-denoised", "off", *common)[0] == 0
     assert call(capsys, "--run", files / "run", "--out", tmp_path / "cli", "--clip-denoised", "0.05", *common)[0] == 0
-    assert "clip_denoised" not in settings(tmp_path / "ref")["key"] and "clip_denoised" not in settings(tmp_path / "off")["key"]
-    assert settings(tmp_path / "cfg")["key"]["clip_denoised"] == settings(tmp_path / "cli")["key"]["clip_denoised"] == 0.05
+    keys = {name: settings(tmp_path / name)["key"] for name in ("ref", "off", "cfg", "cli")}
+    assert "clip_denoised" not in keys["ref"] and "clip_denoised" not in keys["off"]
+    assert keys["cfg"]["clip_denoised"] == keys["cli"]["clip_denoised"] == 0.05
     ref, guarded = pngs(tmp_path / "ref"), pngs(tmp_path / "cfg")
     assert_same_images(pngs(tmp_path / "off"), ref)
     assert list(pngs(tmp_path / "cli").values())[0].tobytes() == list(guarded.values())[0].tobytes()

@@ -19,7 +19,7 @@ from mar import create_model
 # name: (preset, create_model keyword arguments). "fmnist" is the embedded default (configs/fmnist_mar.yaml);
 # the 256 px ones are the published ImageNet models on KL-16 tokens.
 SETTINGS: dict[str, tuple[str, dict]] = {
-    "fmnist": ("mar_small", dict(img_size=32, vae_stride=4, token_channels=4, num_classes=10, buffer_size=16,
+    "fmnist": ("mar_small", dict(img_size=32, vae_stride=4, token_channels=8, num_classes=10, buffer_size=16,
                                  attn_dropout=0.0, proj_dropout=0.0)),
     "mar_base_256": ("mar_base", dict(img_size=256, vae_stride=16, token_channels=16, num_classes=1000)),
     "mar_large_256": ("mar_large", dict(img_size=256, vae_stride=16, token_channels=16, num_classes=1000)),

@@ -1,0 +1,46 @@
+"""benchmarks/fmnist_bounds.py (the main job's "for scale" rows) on the committed Fashion-MNIST slice."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import fmnist_bounds  # noqa: E402
+
+from mar.classifier import (ClassifierConfig, FashionClassifier, class_accuracy, fashion_mnist_uint8,  # noqa: E402
+                            save_classifier)
+from tokenizers import KLTokenizer, kl_vae_preset  # noqa: E402
+
+FIXTURE = ROOT / "tests" / "fixtures" / "fashion-mnist"
+
+
+def test_bounds_score_the_real_images_and_their_reconstructions(tmp_path, capsys):
+    torch.manual_seed(0)
+    clf_path, tok_path = tmp_path / "clf.safetensors", tmp_path / "tok.safetensors"
+    clf = FashionClassifier(ClassifierConfig())
+    save_classifier(clf, clf_path, test_accuracy=0.5)
+    KLTokenizer(kl_vae_preset("kl_f4_c4", in_channels=1, out_channels=1, scaling_factor=1.5)).save(tok_path)
+    out = tmp_path / "bounds"
+    argv = ["--tokenizer", str(tok_path), "--classifier", str(clf_path), "--num", "12", "--out", str(out),
+            "--data", str(FIXTURE)]
+    assert fmnist_bounds.main(argv) == 0
+    result = json.loads((out / "bounds.json").read_text())
+    images, labels = fashion_mnist_uint8("train", str(FIXTURE))
+    files = sorted((out / "real").glob("*.png"))
+    assert [f.name for f in files] == [f"{i:06d}_c{int(y):03d}.png" for i, y in enumerate(labels[:12])]
+    for f, img in zip(files, images[:12]):
+        np.testing.assert_array_equal(np.asarray(Image.open(f)), img.numpy())
+    # class accuracy of the real images, computed here directly with the classifier
+    assert result["real"]["class_accuracy"] == pytest.approx(class_accuracy(clf.eval(), images[:12, None],
+                                                                            labels[:12]))
+    # reconstructions: the seeded posterior sample, decoded
+    recon = fmnist_bounds.reconstruct(KLTokenizer.load(tok_path).eval(), images[:12], seed=0)
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "recon" / files[3].name)), recon[3].numpy())
+    assert result["fd_bar"] == pytest.approx(5 * result["real"]["fd_fmnist"])
+    assert result["recon"]["fd_fmnist"] > result["real"]["fd_fmnist"]  # random tokenizer: garbage back
+    assert result["classifier_test_accuracy"] == 0.5 and result["num_images"] == 12

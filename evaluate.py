@@ -56,6 +56,14 @@ def add_feature_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="torch-fidelity progress on stderr")
 
 
+def clip_arg(text: str) -> str:
+    """--clip-denoised of a sweep, checked here (one line) and handed to sample.py as given."""
+    from sample import parse_clip
+
+    parse_clip(text)
+    return text
+
+
 def feature_kwargs(args: argparse.Namespace) -> dict:
     """The feature options as keyword arguments of mar.metrics functions."""
     if args.batch_size < 1:
@@ -249,7 +257,7 @@ def build_parser() -> Parser:
     p.add_argument("--eta", type=float, help="fast path: DDIM noise")
     p.add_argument("--diffusion-steps", type=int, nargs=2, metavar=("FIRST", "LAST"),
                    help="fast path: diffusion steps annealed over the MAR iterations")
-    p.add_argument("--clip-denoised", metavar="R|off",
+    p.add_argument("--clip-denoised", metavar="R|off", type=clip_arg,
                    help="guard: clamp the predicted x0 to [-R, R] ('off' = reference; default: the run's config)")
     p.add_argument("--sample-batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)

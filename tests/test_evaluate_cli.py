@@ -138,6 +138,8 @@ def test_user_errors_are_one_line_with_exit_status_2(setup, capsys, monkeypatch,
     assert "not allowed with" in one_line_error(capsys, ["score", "--gen", s["C"], "--ref", s["D"], "--ref-stats",
                                                          "x.npz", *fm])
     assert "invalid choice" in one_line_error(capsys, ["bogus"])
+    assert "positive number or 'off'" in one_line_error(capsys, ["sweep", "--cfg", "1", "2", "--ref", s["D"],
+                                                                  "--clip-denoised", "0", "--out", missing])
     assert "--classifier" in one_line_error(capsys, ["score", "--gen", s["C"], "--ref", s["D"], "--features",
                                                      "fmnist", "--cpu"])
     assert "need reference images" in one_line_error(capsys, ["score", "--gen", s["C"], "--ref-stats", "x.npz",

@@ -13,7 +13,8 @@ precision/recall) and its class accuracy. Numbers compare only runs scored with 
                   "sampler=ddim,anneal=50-10,precision=bf16" --out runs/fast_path_quality
 
 The tokenizer comes from the weights file's training config (``tokenizer.checkpoint``) unless
-``--tokenizer`` is given. Results are printed as a table and written to <out>/results.json.
+``--tokenizer`` is given; so does the sampler guard (``sample.clip_denoised``, applied to every variant)
+unless ``--clip-denoised R|off`` is given. Results are printed as a table and written to <out>/results.json.
 """
 from __future__ import annotations
 
@@ -101,16 +102,21 @@ def main(argv=None) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/fast_path_quality")
+    p.add_argument("--clip-denoised", metavar="R|off", help="sampler guard for every variant (default: the run's)")
     a = p.parse_args(argv)
     model, tok = load_model(a.weights, a.tokenizer)
+    run_sample = json.loads(read_safetensors(a.weights)[1]["config"]).get("sample", {})
+    clip = run_sample.get("clip_denoised") if a.clip_denoised is None else (
+        None if a.clip_denoised == "off" else float(a.clip_denoised))
     out = Path(a.out)
     print(machine_line())
     print(f"# {a.weights}: {a.num_images} images per variant, batch {a.batch}, num_iter {a.num_iter}, cfg {a.cfg}, "
-          f"temperature {a.temperature}, diffusion steps {model.diffloss.num_sampling_steps} on the exact path")
+          f"temperature {a.temperature}, diffusion steps {model.diffloss.num_sampling_steps} on the exact path, "
+          f"clip_denoised {clip}")
     results = {}
     for spec in a.variant:
         folder = out / folder_name(spec)
-        times = generate(model, tok, parse_variant(spec), folder, a.num_images, a.batch, a.num_iter, a.cfg,
+        times = generate(model, tok, {**parse_variant(spec), "clip_denoised": clip}, folder, a.num_images, a.batch, a.num_iter, a.cfg,
                          a.temperature, a.seed)
         scores = score_folder(str(folder), ref=None if a.ref_stats else a.ref, ref_stats=a.ref_stats,
                               metrics=a.metrics, features="fmnist", classifier=a.classifier,

@@ -4,7 +4,7 @@ One line per setting: s/image, images/s, and the split between the transformer (
 passes and bookkeeping) and the Diffusion-Loss head's sampling loop. Random weights: speed does not
 depend on the values. Every variant (see ``common.parse_variant``) is timed on the same model.
 
-    # the Fashion-MNIST default (mar_small, 32 px, 8x8x4 tokens), exact path, a sweep
+    # the Fashion-MNIST default (mar_small, 32 px, 8x8x8 tokens), exact path, a sweep
     OMP_NUM_THREADS=1 python benchmarks/bench_sampling.py --setting fmnist --batch 1 16 64 \
         --num-iter 16 64 --steps 100 --cfg 1.0 3.0
     # exact vs fast paths side by side

@@ -1,4 +1,5 @@
-"""benchmarks/fmnist_bounds.py (the main job's "for scale" rows) on the committed Fashion-MNIST slice."""
+"""Scripts of benchmarks/ that the main job or users rely on: fmnist_bounds.py (the report's "for scale"
+rows) and the search of max_batch.py."""
 import json
 import sys
 from pathlib import Path
@@ -44,3 +45,19 @@ def test_bounds_score_the_real_images_and_their_reconstructions(tmp_path, capsys
     assert result["fd_bar"] == pytest.approx(5 * result["real"]["fd_fmnist"])
     assert result["recon"]["fd_fmnist"] > result["real"]["fd_fmnist"]  # random tokenizer: garbage back
     assert result["classifier_test_accuracy"] == 0.5 and result["num_images"] == 12
+
+
+def test_max_batch_search_finds_the_boundary_with_few_tries():
+    """benchmarks/max_batch.py's search (GPU-only script; its search logic is plain Python)."""
+    from max_batch import largest_fit
+
+    for limit_fit in [0, 1, 5, 63, 64, 65, 100, 1000, 4096]:
+        tried = []
+
+        def fits(b, limit_fit=limit_fit):
+            tried.append(b)
+            return b <= limit_fit
+
+        assert largest_fit(fits, start=64, limit=1 << 14) == limit_fit
+        assert len(tried) <= 2 * 14 + 2 and len(set(tried)) == len(tried)
+    assert largest_fit(lambda b: True, start=8, limit=100) == 100  # everything fits up to the limit

@@ -203,7 +203,9 @@ def sample_setting(acc, model, tok, folder: Path, key: dict, record: dict, class
                 "grid_only": args.grid_only, "command": args.command, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if not args.grid_only or old is None:
         complete = not args.grid_only and len(S.existing_samples(folder, n, classes)) == n
-        S.write_json({**record, "key": key, "complete": complete, **speed, "runs": runs + [this_run]},
+        made_by = [r for r in runs + [this_run] if r.get("generated") and not r.get("grid_only")]
+        overall = S.rate(sum(r["generated"] for r in made_by), sum(r["seconds"] for r in made_by))  # all runs
+        S.write_json({**record, "key": key, "complete": complete, **overall, "runs": runs + [this_run]},
                      folder / "settings.json")
     if speed["seconds_per_image"] is None:
         print(f"{folder}: all {n} images already exist; nothing generated")

@@ -206,6 +206,8 @@ def test_rerun_keeps_extends_and_refuses_other_settings(files, tmp_path, capsys)
     assert rc == 0 and "4 of 6 images exist, generating 2" in out
     assert {k: v for k, v in pngs(tmp_path).items() if k in first}.keys() == first.keys()
     assert [(r["generated"], r["kept"]) for r in settings(tmp_path)["runs"]] == [(4, 0), (0, 4), (2, 4)]
+    runs = settings(tmp_path)["runs"]  # the speed covers every run that generated images, not just the last
+    assert settings(tmp_path)["seconds_per_image"] == pytest.approx((runs[0]["seconds"] + runs[2]["seconds"]) / 6)
     before = sorted(p.name for p in tmp_path.iterdir())
     for extra, message in [(["--cfg", "3.0"], "cfg: 2.0 there, 3.0 now"),
                            (["--seed", "1"], "seed: 0 there, 1 now"),

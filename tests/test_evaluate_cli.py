@@ -14,9 +14,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import evaluate
+from helpers import synthetic_classes, write_pngs
 from mar.classifier import ClassifierConfig, FashionClassifier, read_classifier_metadata, save_classifier
 from mar.metrics import INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE, load_statistics, score_folder
 
@@ -24,23 +24,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def class_images(n: int, seed: int, size: int = 32):
-    """Separable grey classes: class k = a bright square at cell k of a 2x5 grid, on dim noise."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 10, (n,), generator=g)
-    images = torch.rand(n, size, size, generator=g) * 60
-    off = (size - 28) // 2
-    for i, k in enumerate(labels.tolist()):
-        r, c = divmod(k, 5)
-        images[i, off + 4 + 12 * r: off + 10 + 12 * r, off + 1 + 5 * c: off + 6 + 5 * c] = 230
-    return images.to(torch.uint8).numpy(), labels.numpy()
-
-
-def write_pngs(folder, images, labels=None) -> str:
-    os.makedirs(folder, exist_ok=True)
-    for i, img in enumerate(images):
-        name = f"{i:06d}.png" if labels is None else f"{i:06d}_c{int(labels[i]):03d}.png"
-        Image.fromarray(img).save(os.path.join(folder, name))
-    return str(folder)
+    """helpers.synthetic_classes as numpy arrays (what write_idx takes)."""
+    images, labels = synthetic_classes(n, seed, size)
+    return images.numpy(), labels.numpy()
 
 
 def write_idx(path, array: np.ndarray) -> None:

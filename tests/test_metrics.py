@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch_fidelity.utils import create_feature_extractor
 
+from helpers import synthetic_classes, write_pngs
 from mar.classifier import (EXTRACTOR_NAME, ClassifierConfig, FashionClassifier, class_accuracy, cosine_lr,
                             load_classifier, predict_logits, read_classifier_metadata, register_fmnist_extractor,
                             save_classifier, to_network_input, train_classifier)
@@ -46,27 +47,6 @@ def make_random_inception(path, seed: int = 0) -> None:
         for _ in range(2):
             net((torch.rand(4, 3, 32, 32, generator=g) * 255).to(torch.uint8))
     torch.save(net.state_dict(), path)
-
-
-def synthetic_classes(n: int, seed: int, size: int = 32):
-    """Separable 10-class grey images: class k = a bright 6x6 square at cell k of a 2x5 grid, on noise."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 10, (n,), generator=g)
-    images = torch.rand(n, size, size, generator=g) * 60
-    off = (size - 28) // 2
-    for i, k in enumerate(labels.tolist()):
-        r, c = divmod(k, 5)
-        images[i, off + 4 + 12 * r: off + 10 + 12 * r, off + 1 + 5 * c: off + 6 + 5 * c] = 230
-    return images.to(torch.uint8), labels
-
-
-def write_pngs(folder, images, labels=None):
-    """uint8 (N, H, W) grey or (N, H, W, 3) -> PNGs named {i:06d}.png or {i:06d}_c{label:03d}.png."""
-    os.makedirs(folder, exist_ok=True)
-    for i, img in enumerate(np.asarray(images)):
-        name = f"{i:06d}.png" if labels is None else f"{i:06d}_c{int(labels[i]):03d}.png"
-        Image.fromarray(img).save(os.path.join(folder, name))
-    return str(folder)
 
 
 def load_folder(folder) -> torch.Tensor:

@@ -159,7 +159,7 @@ def cmd_sweep(args: argparse.Namespace) -> dict:
             with open(os.path.join(folder, "settings.json")) as f:
                 speed = json.load(f).get("seconds_per_image")
             rows.append({"cfg": cfg, "temperature": temperature, **result["metrics"], "seconds_per_image": speed,
-                         "folder": folder})
+                         "num_images": result["meta"].get("num_gen"), "folder": folder})
     key = _primary(rows[0])
     best = min(rows, key=lambda r: r[key])
     with open(os.path.join(out, "sweep.csv"), "w", newline="") as f:

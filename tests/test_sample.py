@@ -357,6 +357,7 @@ def test_evaluate_sweep_table_plot_report_and_best(files, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert [(float(r["cfg"]), float(r["temperature"])) for r in rows] == [(1, .5), (1, 1), (3, .5), (3, 1)]
+    assert all(int(r["num_images"]) == 10 for r in rows)  # also in the plots' titles
     summary = json.load(open(out / "sweep.json"))
     fds = [float(r["fd_fmnist"]) for r in rows]
     assert summary["best"]["fd_fmnist"] == min(fds) and len(set(fds)) == 4

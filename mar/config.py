@@ -392,6 +392,11 @@ class SampleConfig:
     # opt-in sampler guard: clamp the head's predicted x0 to [-r, r] (token units); None = the reference
     clip_denoised: Optional[float] = None
 
+    def __post_init__(self) -> None:
+        _check(self.num_iter >= 1, f"num_iter must be >= 1, got {self.num_iter}")
+        _check(self.clip_denoised is None or 0.0 < self.clip_denoised < float("inf"),
+               f"clip_denoised must be a positive number or null (off), got {self.clip_denoised}")
+
 
 @dataclass
 class TrainConfig:

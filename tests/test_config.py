@@ -116,6 +116,11 @@ def test_override_errors():
     with pytest.raises(ConfigError) as e:
         load_config(TrainConfig, overrides=["optim.betas=[0.9, 1.5]"])
     assert str(e.value) == "override 'optim.betas=[0.9, 1.5]': optim.betas must be in [0, 1), got [0.9, 1.5]"
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, overrides=["sample.clip_denoised=-1"])
+    assert str(e.value) == ("override 'sample.clip_denoised=-1': sample.clip_denoised must be a positive number "
+                            "or null (off), got -1.0")
+    assert load_config(TrainConfig, overrides=["sample.clip_denoised=5"]).sample.clip_denoised == 5.0
 
 
 def test_overrides_parse_yaml_and_keep_text_for_strings():

@@ -58,9 +58,7 @@ def add_feature_args(p: argparse.ArgumentParser) -> None:
 
 def clip_arg(text: str) -> str:
     """--clip-denoised of a sweep, checked here (one line) and handed to sample.py as given."""
-    from sample import parse_clip
-
-    parse_clip(text)
+    sampling.parse_clip_denoised(text)
     return text
 
 

@@ -214,19 +214,6 @@ def sample_setting(acc, model, tok, folder: Path, key: dict, record: dict, class
               f"{speed['images_per_second']:.2f} images/s")
 
 
-def parse_clip(text: str) -> float:
-    """--clip-denoised: a positive number, or 'off' (returned as 0.0: explicitly off, whatever the run's config)."""
-    if text.strip().lower() in ("off", "none"):
-        return 0.0
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (value > 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a positive number or 'off', got {text!r}")
-    return value
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
@@ -253,7 +240,7 @@ def parse_args(argv):
     fast.add_argument("--diffusion-steps", type=int, nargs=2, metavar=("FIRST", "LAST"),
                       help="diffusion steps annealed from the first to the last MAR iteration (e.g. 50 10)")
     guard = p.add_argument_group("guard (opt-in; a run's config may set it, sample.clip_denoised)")
-    guard.add_argument("--clip-denoised", type=parse_clip, metavar="R|off",
+    guard.add_argument("--clip-denoised", type=S.parse_clip_denoised, metavar="R|off",
                        help="clamp the head's predicted x0 to [-R, R] at every diffusion step (token units); "
                             "'off' = the reference sampler (default: the run's sample.clip_denoised, else off)")
     p.add_argument("--seed", type=int, default=0)
@@ -282,7 +269,7 @@ def run(args) -> int:
          else S.default_num_images(len(classes)))
     defaults = SampleConfig(**(config or {}).get("sample", {}))
     iters = args.num_iter or [min(defaults.num_iter, model.seq_len)]
-    clip = defaults.clip_denoised if args.clip_denoised is None else (args.clip_denoised or None)
+    clip = S.effective_clip_denoised(args.clip_denoised, defaults.clip_denoised)
     if not all(1 <= k <= model.seq_len for k in iters):
         raise ValueError(f"--num-iter must be in [1, {model.seq_len}] (the number of tokens), got {iters}")
     # what the images depend on (a folder made with another key is refused) ...

@@ -33,11 +33,12 @@ from mar.data import item_seed
 from mar.images import save_grid, save_png
 from mar.metrics import score_folder
 from mar.presets import load_state_dict_strict
+from mar.sampling import effective_clip_denoised, parse_clip_denoised
 from tokenizers import KLTokenizer, kl_vae_preset
 
 
 def load_model(weights: str, tokenizer: str | None = None):
-    """(MAR in eval mode, KLTokenizer) from a ``mar_ema.safetensors`` written by train.py."""
+    """(MAR in eval mode, KLTokenizer, training config dict) from a ``mar_ema.safetensors`` written by train.py."""
     state, meta = read_safetensors(weights)
     if "config" not in meta:
         raise ValueError(f"{weights} has no training config in its metadata: use the mar_ema.safetensors that "
@@ -53,7 +54,7 @@ def load_model(weights: str, tokenizer: str | None = None):
         tok = KLTokenizer.load(path)
     else:
         tok = KLTokenizer.from_ldm_checkpoint(path, kl_vae_preset(cfg["tokenizer"]["preset"]))
-    return model.eval(), tok.eval()
+    return model.eval(), tok.eval(), cfg
 
 
 def folder_name(spec: str) -> str:
@@ -102,12 +103,11 @@ def main(argv=None) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/fast_path_quality")
-    p.add_argument("--clip-denoised", metavar="R|off", help="sampler guard for every variant (default: the run's)")
+    p.add_argument("--clip-denoised", metavar="R|off", type=parse_clip_denoised,
+                   help="sampler guard for every variant (default: the run's sample.clip_denoised)")
     a = p.parse_args(argv)
-    model, tok = load_model(a.weights, a.tokenizer)
-    run_sample = json.loads(read_safetensors(a.weights)[1]["config"]).get("sample", {})
-    clip = run_sample.get("clip_denoised") if a.clip_denoised is None else (
-        None if a.clip_denoised == "off" else float(a.clip_denoised))
+    model, tok, run_config = load_model(a.weights, a.tokenizer)
+    clip = effective_clip_denoised(a.clip_denoised, run_config.get("sample", {}).get("clip_denoised"))
     out = Path(a.out)
     print(machine_line())
     print(f"# {a.weights}: {a.num_images} images per variant, batch {a.batch}, num_iter {a.num_iter}, cfg {a.cfg}, "
@@ -116,8 +116,8 @@ def main(argv=None) -> None:
     results = {}
     for spec in a.variant:
         folder = out / folder_name(spec)
-        times = generate(model, tok, {**parse_variant(spec), "clip_denoised": clip}, folder, a.num_images, a.batch, a.num_iter, a.cfg,
-                         a.temperature, a.seed)
+        times = generate(model, tok, {**parse_variant(spec), "clip_denoised": clip}, folder, a.num_images, a.batch,
+                         a.num_iter, a.cfg, a.temperature, a.seed)
         scores = score_folder(str(folder), ref=None if a.ref_stats else a.ref, ref_stats=a.ref_stats,
                               metrics=a.metrics, features="fmnist", classifier=a.classifier,
                               kid_subset_size=min(1000, a.num_images), fmnist_root=a.fmnist_root)

@@ -29,10 +29,15 @@ from mar.sampling import write_json  # noqa: E402
 from tokenizers import KLTokenizer  # noqa: E402
 
 
+def complete(folder: Path, num: int) -> bool:
+    """Whether `folder` already holds the `num` labelled PNGs of a set (a rerun keeps them)."""
+    return len(list(folder.glob("*_c*.png"))) == num
+
+
 def write_set(images: torch.Tensor, labels: torch.Tensor, folder: Path, desc: str) -> None:
     """uint8 (N, H, W) images as {i:06d}_c{label:03d}.png (kept if all already there)."""
     folder.mkdir(parents=True, exist_ok=True)
-    if len(list(folder.glob("*_c*.png"))) == len(images):
+    if complete(folder, len(images)):
         return
     for i, (img, y) in enumerate(tqdm(list(zip(images.numpy(), labels.tolist())), desc=desc, unit="img")):
         save_png(img, folder / f"{i:06d}_c{y:03d}.png")
@@ -67,7 +72,7 @@ def main(argv=None) -> int:
     images, labels = images[:args.num], labels[:args.num]
     tok = KLTokenizer.load(args.tokenizer).eval()
     write_set(images, labels, out / "real", "real")
-    if len(list((out / "recon").glob("*_c*.png"))) != args.num:
+    if not complete(out / "recon", args.num):  # reconstructing is the slow part
         write_set(reconstruct(tok, images, args.seed), labels, out / "recon", "recon")
     feats = dict(features="fmnist", classifier=args.classifier, fmnist_root=args.data)
     stats = out / "fmnist_test_stats.safetensors"

@@ -13,6 +13,7 @@ atomically; ``settings.json`` records the settings the folder was made with.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -217,6 +218,25 @@ def rate(images: int, seconds: float) -> dict[str, float | None]:
     if images <= 0:
         return {"seconds_per_image": None, "images_per_second": None}
     return {"seconds_per_image": seconds / images, "images_per_second": images / max(seconds, 1e-9)}
+
+
+def parse_clip_denoised(text: str) -> float:
+    """A --clip-denoised argument (argparse type): a positive finite number, or 'off' / 'none', returned as 0.0
+    (explicitly off, whatever the run's config says; see `effective_clip_denoised`)."""
+    if text.strip().lower() in ("off", "none"):
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'off', got {text!r}") from None
+    if not 0.0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'off', got {text!r}")
+    return value
+
+
+def effective_clip_denoised(argument: float | None, run_default: float | None) -> float | None:
+    """The guard a sampling run uses: the run config's value unless the command line gave one (0.0 = off)."""
+    return run_default if argument is None else (argument or None)
 
 
 def setting_folder_name(cfg: float, temperature: float, num_iter: int | None = None) -> str:

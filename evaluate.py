@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 
-from mar import sampling
-from mar.classifier import (ClassifierConfig, FashionClassifier, class_accuracy, fashion_mnist_uint8,
+from mar import io
+from mar.eval import sample_folders as sampling
+from mar.eval.classifier import (ClassifierConfig, FashionClassifier, class_accuracy, fashion_mnist_uint8,
                             save_classifier, train_classifier)
-from mar.data import FASHION_MNIST_ROOT
-from mar.metrics import compute_reference_stats, score_folder
+from mar.engine.data import FASHION_MNIST_ROOT
+from mar.eval.metrics import compute_reference_stats, score_folder
 
 
 class UsageError(Exception):
@@ -63,7 +64,7 @@ def clip_arg(text: str) -> str:
 
 
 def feature_kwargs(args: argparse.Namespace) -> dict:
-    """The feature options as keyword arguments of mar.metrics functions."""
+    """The feature options as keyword arguments of mar.eval.metrics functions."""
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     return dict(features=args.features, inception_weights=args.inception_weights, classifier=args.classifier,
@@ -76,7 +77,7 @@ def write_json(obj: dict, path: str | None) -> None:
     print(json.dumps(obj, indent=2))
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        sampling.write_json(obj, Path(path))
+        io.write_json(obj, Path(path))
 
 
 def cmd_score(args: argparse.Namespace) -> dict:
@@ -126,7 +127,7 @@ def cmd_sweep(args: argparse.Namespace) -> dict:
     import csv
 
     import sample
-    from mar.plot import line_plot
+    from mar.eval.plot import line_plot
 
     if (args.ref is None) == (args.ref_stats is None):
         raise UsageError("sweep needs exactly one of --ref (images or fashion_mnist:SPLIT) and --ref-stats (file)")

@@ -29,13 +29,13 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from mar import sampling as S
-from mar.checkpoint import (CheckpointError, find_latest_checkpoint, load_checkpoint,
+from mar.eval import sample_folders as S
+from mar.engine.checkpoint import (CheckpointError, find_latest_checkpoint, load_checkpoint,
                             load_reference_mar_state_dict, read_safetensors)
 from mar.config import SampleConfig
-from mar.images import save_png
-from mar.presets import PRESETS, create_model, load_state_dict_strict
-from mar.training import check_launch
+from mar.io import remove_stale_temps, save_png, write_grid, write_json
+from mar.registry import PRESETS, create_model, load_state_dict_strict
+from mar.engine.loop import check_launch
 from tokenizers import KLTokenizer, KLVAEConfig, kl_vae_preset
 
 DEFAULT_RUN = Path(__file__).resolve().parent / "pretrained" / "fmnist"  # shipped Fashion-MNIST weights
@@ -160,9 +160,9 @@ def sample_setting(acc, model, tok, folder: Path, key: dict, record: dict, class
     runs = (old or {}).get("runs", [])
     if acc.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
-        S.remove_temp_files(folder)
+        remove_stale_temps(folder)
         if not args.grid_only:
-            S.write_json({**record, "key": key, "complete": False, "runs": runs}, folder / "settings.json")
+            write_json({**record, "key": key, "complete": False, "runs": runs}, folder / "settings.json")
     acc.wait_for_everyone()
     done = set() if args.grid_only else S.existing_samples(folder, n, classes)
     todo = grid_idx if args.grid_only else [i for i in range(n) if i not in done]
@@ -191,9 +191,9 @@ def sample_setting(acc, model, tok, folder: Path, key: dict, record: dict, class
         return
     if args.grid_only:
         images = dict(made)
-        S.write_grid(np.stack([images[i] for i in grid_idx]), nrow, folder / "grid.png")
+        write_grid(np.stack([images[i] for i in grid_idx]), nrow, folder / "grid.png")
     else:
-        S.write_grid(S.read_samples(folder, grid_idx, classes, rgb=False), nrow, folder / "grid.png")
+        write_grid(S.read_samples(folder, grid_idx, classes, rgb=False), nrow, folder / "grid.png")
         if args.npz:
             S.write_npz(folder / "samples.npz", folder, n, classes)
     speed = S.rate(len(todo), seconds)
@@ -205,7 +205,7 @@ def sample_setting(acc, model, tok, folder: Path, key: dict, record: dict, class
         complete = not args.grid_only and len(S.existing_samples(folder, n, classes)) == n
         made_by = [r for r in runs + [this_run] if r.get("generated") and not r.get("grid_only")]
         overall = S.rate(sum(r["generated"] for r in made_by), sum(r["seconds"] for r in made_by))  # all runs
-        S.write_json({**record, "key": key, "complete": complete, **overall, "runs": runs + [this_run]},
+        write_json({**record, "key": key, "complete": complete, **overall, "runs": runs + [this_run]},
                      folder / "settings.json")
     if speed["seconds_per_image"] is None:
         print(f"{folder}: all {n} images already exist; nothing generated")
@@ -283,7 +283,7 @@ def run(args) -> int:
     # ... and what is recorded beside it
     paths = {"mar": weights, "tokenizer": tok_path, "run": run_dir}
     record = {"format": S.SETTINGS_FORMAT, "num_images": n, "label_rule": "label(i) = classes[i % len(classes)]",
-              "seed_rule": "image i: torch.Generator seeded with mar.data.item_seed(seed, i)",
+              "seed_rule": "image i: torch.Generator seeded with mar.engine.data.item_seed(seed, i)",
               "files": "{index:06d}_c{class:03d}.png",
               "weights": {**{k: str(v.resolve()) if v else None for k, v in paths.items()}, "ema": args.ema}}
     grid = list(dict.fromkeys(itertools.product(args.cfg or [defaults.cfg], args.temperature or [defaults.temperature],

@@ -28,12 +28,12 @@ from accelerate.tracking import GeneralTracker
 from tqdm.auto import tqdm
 
 from mar import create_model
-from mar.checkpoint import (CheckpointError, checkpoint_path, export_safetensors, find_latest_checkpoint,
+from mar.engine.checkpoint import (CheckpointError, checkpoint_path, export_safetensors, find_latest_checkpoint,
                             load_checkpoint, save_checkpoint)
 from mar.config import ConfigError, TrainConfig, config_to_dict, effective_lr, load_config, save_config
-from mar.data import FashionMNISTDataset, ImageFolderDataset, LatentCacheDataset, save_latent_cache
-from mar.sampling import write_grid
-from mar.training import batch_indices, check_launch, ema_decay, ema_update, lr_at, param_groups, slot_seed
+from mar.engine.data import FashionMNISTDataset, ImageFolderDataset, LatentCacheDataset, save_latent_cache
+from mar.io import write_grid
+from mar.engine.loop import batch_indices, check_launch, ema_decay, ema_update, lr_at, param_groups, slot_seed
 from tokenizers import KLTokenizer, kl_vae_preset
 from tokenizers.training import KLVAEObjective, estimate_scaling_factor
 

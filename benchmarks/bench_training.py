@@ -25,7 +25,7 @@ from common import PRECISIONS, build, machine_line, peak_rss_mib, sync
 
 def run_one(setting: str, batch: int, steps: int, precision: str, ckpt: bool, device: str) -> dict:
     """One configuration in this process: warm-up step, then `steps` timed steps."""
-    from mar.training import param_groups
+    from mar.engine.loop import param_groups
 
     base_rss = peak_rss_mib()
     model = build(setting, device, grad_checkpointing=ckpt).train()

@@ -3,7 +3,7 @@
 For every variant (see ``common.parse_variant``; "exact" is the reference path) the script samples the
 same N images (label i % 10, the same seeds), times the generation (transformer + head; the decode is
 timed apart), writes ``{i:06d}_c{label:03d}.png`` files and scores them with the project's Fashion-MNIST
-classifier features (``mar.metrics.score_folder(features="fmnist")``: fd_fmnist, is_fmnist, kd_fmnist,
+classifier features (``mar.eval.metrics.score_folder(features="fmnist")``: fd_fmnist, is_fmnist, kd_fmnist,
 precision/recall) and its class accuracy. Numbers compare only runs scored with the same classifier file.
 
     python evaluate.py train-classifier --data /usr/share/datasets/fashion-mnist --out fmnist_classifier.safetensors
@@ -28,12 +28,12 @@ import torch
 
 from common import machine_line, parse_variant
 from mar import create_model
-from mar.checkpoint import read_safetensors
-from mar.data import item_seed
-from mar.images import save_grid, save_png
-from mar.metrics import score_folder
-from mar.presets import load_state_dict_strict
-from mar.sampling import effective_clip_denoised, parse_clip_denoised
+from mar.engine.checkpoint import read_safetensors
+from mar.engine.data import item_seed
+from mar.io import save_grid, save_png
+from mar.eval.metrics import score_folder
+from mar.registry import load_state_dict_strict
+from mar.eval.sample_folders import effective_clip_denoised, parse_clip_denoised
 from tokenizers import KLTokenizer, kl_vae_preset
 
 

@@ -22,10 +22,10 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mar.classifier import fashion_mnist_uint8, read_classifier_metadata  # noqa: E402
-from mar.images import save_png  # noqa: E402
-from mar.metrics import compute_reference_stats, score_folder  # noqa: E402
-from mar.sampling import write_json  # noqa: E402
+from mar.eval.classifier import fashion_mnist_uint8, read_classifier_metadata  # noqa: E402
+from mar.io import save_png  # noqa: E402
+from mar.eval.metrics import compute_reference_stats, score_folder  # noqa: E402
+from mar.io import write_json  # noqa: E402
 from tokenizers import KLTokenizer  # noqa: E402
 
 

@@ -26,14 +26,14 @@ import torch
 
 from bench_sampling import HeadTimer
 from common import build, diffusion_steps_per_iter, machine_line, parse_variant, sync, timed
-from mar import masking
+from mar import schedules
 
 
 def schedule(model, num_iter: int) -> tuple[list[int], list[int], list[int]]:
     """(k, visible tokens v_k, predicted tokens n_k) of the iterations that predict tokens, in order
     (``sample_tokens`` skips an iteration whose clamped mask length leaves nothing to predict)."""
     L, masked_now, kept, vis, pred = model.seq_len, model.seq_len, [], [], []
-    for k, m_next in enumerate(masking.generation_schedule(L, num_iter)):
+    for k, m_next in enumerate(schedules.generation_schedule(L, num_iter)):
         if m_next < masked_now:
             kept.append(k)
             vis.append(L - masked_now)

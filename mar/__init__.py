@@ -1,5 +1,5 @@
 """MAR: masked autoregressive image generation over continuous tokens with Diffusion Loss."""
 from mar.model import MAR
-from mar.presets import PRESETS, create_model, load_pretrained
+from mar.registry import PRESETS, create_model, load_pretrained
 
 __all__ = ["MAR", "PRESETS", "create_model", "load_pretrained"]

@@ -19,7 +19,6 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 from diffloss import DiffLoss
 from diffloss.diffusion import annealed_step_counts
 from diffloss.loss import NUM_TRAIN_TIMESTEPS, autocast_region, check_sampling_options
-from mar import masking
+from mar import orders, schedules
 
 
 class MAR(nn.Module):
@@ -176,14 +175,14 @@ class MAR(nn.Module):
         b = x.shape[0]
         class_embedding = self.class_emb(labels)
         if self.training and self.label_drop_prob > 0:
-            drop = masking.rand((b,), generator, x.device) < self.label_drop_prob
+            drop = orders.rand((b,), generator, x.device) < self.label_drop_prob
             class_embedding = torch.where(drop.unsqueeze(-1), self.fake_latent.to(class_embedding.dtype), class_embedding)
-        orders = masking.random_orders(b, self.seq_len, generator, x.device)
-        ratio = masking.sample_mask_ratio(generator, self.mask_ratio_min)
-        m = masking.num_masked_tokens(self.seq_len, ratio)
-        _, visible = masking.split_by_order(orders, m)
+        order = orders.random_orders(b, self.seq_len, generator, x.device)
+        ratio = schedules.sample_mask_ratio(generator, self.mask_ratio_min)
+        m = schedules.num_masked_tokens(self.seq_len, ratio)
+        _, visible = schedules.split_by_order(order, m)
         z = self.forward_mae_decoder(self.forward_mae_encoder(x, visible, class_embedding), visible)
-        mask = masking.mask_from_orders(orders, m).to(x.dtype)  # (B, L), 1 = masked = in the loss
+        mask = schedules.mask_from_orders(order, m).to(x.dtype)  # (B, L), 1 = masked = in the loss
         n = self.diffusion_batch_mul
         target = x.detach().reshape(b * self.seq_len, -1).repeat(n, 1)
         return self.diffloss(target, z.reshape(b * self.seq_len, -1).repeat(n, 1), mask.reshape(-1).repeat(n),
@@ -242,9 +241,9 @@ class MAR(nn.Module):
         use_cfg = cfg != 1.0
         if use_cfg:  # one batched forward for [cond; uncond]
             class_embedding = torch.cat([class_embedding, self.fake_latent.expand(b, -1)])
-        masked_after = masking.generation_schedule(L, num_iter)
-        scales = masking.cfg_scales(cfg, cfg_schedule, L, masked_after)
-        orders = masking.random_orders(b, L, generator, device)
+        masked_after = schedules.generation_schedule(L, num_iter)
+        scales = schedules.cfg_scales(cfg, cfg_schedule, L, masked_after)
+        order = orders.random_orders(b, L, generator, device)
         tokens = torch.zeros(b, L, C, device=device, dtype=dtype)
         masked_now = L
         with autocast_region(self, device.type, autocast_dtype):  # no-op on the exact path; casts weights once
@@ -252,8 +251,8 @@ class MAR(nn.Module):
                 m_next = masked_after[k]
                 if m_next == masked_now:  # the clamp left nothing to predict at this step
                     continue
-                visible = orders[:, masked_now:].sort(dim=-1).values
-                pred = orders[:, m_next:masked_now].sort(dim=-1).values  # (B, n) positions predicted now
+                visible = order[:, masked_now:].sort(dim=-1).values
+                pred = order[:, m_next:masked_now].sort(dim=-1).values  # (B, n) positions predicted now
                 x, vis, pos = tokens, visible, pred
                 if use_cfg:
                     x, vis, pos = torch.cat([x, x]), torch.cat([vis, vis]), torch.cat([pred, pred])
@@ -299,7 +298,7 @@ class MAR(nn.Module):
         steps = self.diffloss.num_sampling_steps if steps is None else steps
         C = self.token_embed_dim
         halves = 2 if use_cfg else 1
-        draws = [masking.randn((1 + steps * halves, n, C), g, device, dtype) for g in generators]
+        draws = [orders.randn((1 + steps * halves, n, C), g, device, dtype) for g in generators]
         x_t = torch.cat([d[0] for d in draws])  # (B*n, C)
         if steps == 0:
             return x_t, None

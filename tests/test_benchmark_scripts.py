@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import fmnist_bounds  # noqa: E402
 
-from mar.classifier import (ClassifierConfig, FashionClassifier, class_accuracy, fashion_mnist_uint8,  # noqa: E402
+from mar.eval.classifier import (ClassifierConfig, FashionClassifier, class_accuracy, fashion_mnist_uint8,  # noqa: E402
                             save_classifier)
 from tokenizers import KLTokenizer, kl_vae_preset  # noqa: E402
 

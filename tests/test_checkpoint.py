@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from mar.checkpoint import (CheckpointError, capture_rng_state, checkpoint_path, export_safetensors,
+from mar.engine.checkpoint import (CheckpointError, capture_rng_state, checkpoint_path, export_safetensors,
                             find_latest_checkpoint, load_checkpoint, load_reference_mar_state_dict,
                             numpy_state_from_plain, numpy_state_to_plain, read_safetensors, restore_rng_state,
                             save_checkpoint)
@@ -56,10 +56,10 @@ def test_save_rejects_what_a_safe_load_could_not_read(tmp_path):
     assert not (tmp_path / "a.pt").exists()
 
 
-# The child replaces `open` inside mar.checkpoint by a file whose write() writes half of the chunk that crosses
+# The child replaces `open` inside mar.engine.checkpoint by a file whose write() writes half of the chunk that crosses
 # 1 MiB, flushes, reports its byte count on stdout and then blocks until it is killed: a deterministic mid-write.
 CHILD = r"""
-import sys, threading, torch, mar.checkpoint as ck
+import sys, threading, torch, mar.engine.checkpoint as ck
 real_open = open
 class Blocking:
     def __init__(self, f): self.f, self.n = f, 0
@@ -86,7 +86,7 @@ def test_writer_killed_mid_write_leaves_old_checkpoint(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         written = int(child.stdout.readline())  # the child is now blocked inside the write
-        tmp = path.with_name(f"{path.name}.tmp-{child.pid}")
+        tmp = path.with_name(f".{path.name}.tmp-{child.pid}")  # mar.io.atomic_write's temporary
         assert tmp.stat().st_size == written and written < 16 << 20  # a partial 16 MiB file
     finally:
         os.kill(child.pid, signal.SIGKILL)

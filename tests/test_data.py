@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mar.checkpoint import export_safetensors
-from mar.data import (CLASS_NAMES, EpochSampler, FashionMNISTDataset, ImageFolderDataset, LatentCacheDataset,
+from mar.engine.checkpoint import export_safetensors
+from mar.engine.data import (CLASS_NAMES, EpochSampler, FashionMNISTDataset, ImageFolderDataset, LatentCacheDataset,
                       center_crop_arr, epoch_permutation, hflip_coin, item_generator, read_idx, save_latent_cache,
                       to_tensor)
 

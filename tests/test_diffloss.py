@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import diffloss.mlp as mlp_module
 from diffloss import DiffLoss, SimpleMLPAdaLN, guided_model_output, respace_timesteps, timestep_embedding
 
-MANIFEST = Path("/work/shared/manifests/mar_base_state_dict.tsv")
+MANIFEST = Path(__file__).resolve().parent / "fixtures" / "manifests" / "mar_base_state_dict.tsv"
 C, D, W, DEPTH = 4, 6, 32, 2
 
 

@@ -17,8 +17,8 @@ import torch
 
 import evaluate
 from helpers import synthetic_classes, write_pngs
-from mar.classifier import ClassifierConfig, FashionClassifier, read_classifier_metadata, save_classifier
-from mar.metrics import INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE, load_statistics, score_folder
+from mar.eval.classifier import ClassifierConfig, FashionClassifier, read_classifier_metadata, save_classifier
+from mar.eval.metrics import INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE, load_statistics, score_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,7 +101,7 @@ def test_train_classifier_and_fashion_mnist_reference(setup, capsys):
     # closed form: mu = mean of the classifier features of the 20 test images padded 28 -> 32 with black
     x, _ = class_images(20, 4, size=28)
     padded = torch.nn.functional.pad(torch.from_numpy(x)[:, None].float() / 127.5 - 1, (2, 2, 2, 2), value=-1.0)
-    from mar.classifier import load_classifier
+    from mar.eval.classifier import load_classifier
     with torch.no_grad():
         feats = load_classifier(clf).features(padded).double()
     stats = load_statistics(out)

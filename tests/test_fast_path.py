@@ -296,8 +296,8 @@ def test_fast_path_quality_script_end_to_end(tmp_path, monkeypatch, capsys):
     trained for one epoch on the 200-image fixture: correctness of the plumbing only."""
     import json
 
-    from mar.checkpoint import export_safetensors
-    from mar.classifier import FashionClassifier, fashion_mnist_uint8, save_classifier, train_classifier
+    from mar.engine.checkpoint import export_safetensors
+    from mar.eval.classifier import FashionClassifier, fashion_mnist_uint8, save_classifier, train_classifier
     from tokenizers import KLTokenizer, kl_vae_preset
 
     fixture = Path(__file__).resolve().parent / "fixtures" / "fashion-mnist"

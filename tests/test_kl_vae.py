@@ -20,9 +20,9 @@ from tokenizers import (
 )
 
 KL16_PARAMS = 66_456_019  # SPEC.md section 1
-# The reference key/shape manifest (shared/manifests/kl16_vae_state_dict.tsv) where a checkout has it; its
-# digest below (sha256 of the sorted "key<TAB>AxB" rows, computed from that file) pins the layout anywhere else.
-MANIFEST_CANDIDATES = [Path(__file__).resolve().parents[1] / "shared", Path("/work/shared")]
+# The reference key/shape manifest (a copy of shared/manifests/kl16_vae_state_dict.tsv in tests/fixtures); its
+# digest below (sha256 of the sorted "key<TAB>AxB" rows, computed from that file) also pins the test's own layout.
+MANIFEST = Path(__file__).resolve().parent / "fixtures" / "manifests" / "kl16_vae_state_dict.tsv"
 KL16_LAYOUT_SHA256 = "92cd57baf736de336143e68caa880057d5d343c802bca7a3096b7e742f8baa32"
 
 # Small LDM VAE with the KL-16 structure: 3 levels, encoder attention at the lowest level, mid attention.
@@ -36,18 +36,14 @@ def layout_digest(shapes: dict[str, tuple]) -> str:
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 
-def read_manifest() -> dict[str, tuple[int, ...]] | None:
-    for root in MANIFEST_CANDIDATES:
-        path = root / "manifests" / "kl16_vae_state_dict.tsv"
-        if path.is_file():
-            rows = [line.split("\t") for line in path.read_text().splitlines()[1:] if line.strip()]
-            return {key: tuple(int(s) for s in shape.split("x")) for key, shape, _ in rows}
-    return None
+def read_manifest() -> dict[str, tuple[int, ...]]:
+    rows = [line.split("\t") for line in MANIFEST.read_text().splitlines()[1:] if line.strip()]
+    return {key: tuple(int(s) for s in shape.split("x")) for key, shape, _ in rows}
 
 
 def kl16_shapes() -> dict[str, tuple[int, ...]]:
-    """KL-16's LDM key -> shape: the manifest if present, else the test's own description (pinned by digest)."""
-    return read_manifest() or ldm_shapes(128, (1, 1, 2, 2, 4), 2, 16)
+    """KL-16's LDM key -> shape, from the manifest."""
+    return read_manifest()
 
 
 # ---- an independent description of the LDM VAE (written from the LDM Encoder/Decoder layout) -------
@@ -195,9 +191,7 @@ def test_kl16_preset_param_count_and_layout_match_manifest():
     # The test's own LDM description (used for the small reference model) reproduces the manifest.
     ours = ldm_shapes(128, (1, 1, 2, 2, 4), 2, 16)
     assert len(ours) == 312 and layout_digest(ours) == KL16_LAYOUT_SHA256
-    manifest = read_manifest()
-    if manifest is not None:
-        assert ours == manifest
+    assert ours == read_manifest()
 
 
 def test_unknown_preset_and_bad_configs_raise():

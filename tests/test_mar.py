@@ -9,9 +9,11 @@ import pytest
 import scipy.stats
 import torch
 
-from mar import create_model, load_pretrained, masking
+from mar import create_model, load_pretrained
+from mar import orders as order_policies
+from mar import schedules
 
-MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "manifests" / "mar_base_state_dict.tsv"
+MANIFEST = Path(__file__).resolve().parent / "fixtures" / "manifests" / "mar_base_state_dict.tsv"
 
 
 def tiny(**kw):
@@ -58,7 +60,7 @@ def test_sizes_that_do_not_divide_are_rejected():
 # ------------------------------------------------------------------ masking
 def test_mask_ratio_is_truncated_normal():
     g = torch.Generator().manual_seed(1)
-    r = np.array([masking.sample_mask_ratio(g, 0.7) for _ in range(4000)])
+    r = np.array([schedules.sample_mask_ratio(g, 0.7) for _ in range(4000)])
     assert r.min() >= 0.7 and r.max() <= 1.0
     ref = scipy.stats.truncnorm((0.7 - 1.0) / 0.25, 0.0, loc=1.0, scale=0.25)
     assert abs(r.mean() - ref.mean()) < 4 * ref.std() / math.sqrt(len(r))
@@ -69,13 +71,13 @@ def test_mask_ratio_is_truncated_normal():
 
 def test_orders_masks_and_positions():
     g = torch.Generator().manual_seed(2)
-    orders = masking.random_orders(5, 64, g)
+    orders = order_policies.random_orders(5, 64, g)
     assert torch.equal(orders.sort(-1).values, torch.arange(64).expand(5, 64))
-    m = masking.num_masked_tokens(64, 0.71)
+    m = schedules.num_masked_tokens(64, 0.71)
     assert m == math.ceil(64 * 0.71) == 46
-    mask = masking.mask_from_orders(orders, m)
+    mask = schedules.mask_from_orders(orders, m)
     assert (mask.sum(-1) == m).all()
-    masked, visible = masking.split_by_order(orders, m)
+    masked, visible = schedules.split_by_order(orders, m)
     for b in range(5):
         assert torch.equal(masked[b], mask[b].nonzero().flatten())
         assert torch.equal(visible[b], (~mask[b]).nonzero().flatten())
@@ -97,7 +99,7 @@ def _reference_schedule(seq_len, num_iter):
 @pytest.mark.parametrize("num_iter", [16, 64, 256])
 def test_generation_schedule_formula(num_iter):
     counts, _ = _reference_schedule(256, num_iter)
-    after = masking.generation_schedule(256, num_iter)
+    after = schedules.generation_schedule(256, num_iter)
     before = [256] + after[:-1]
     assert [b - a for b, a in zip(before, after)] == counts
     assert sum(counts) == 256 and after[-1] == 0
@@ -132,10 +134,10 @@ def test_every_token_predicted_exactly_once(num_iter):
 
 
 def test_constant_cfg_and_unknown_schedule():
-    after = masking.generation_schedule(64, 8)
-    assert masking.cfg_scales(2.5, "constant", 64, after) == [2.5] * 8
+    after = schedules.generation_schedule(64, 8)
+    assert schedules.cfg_scales(2.5, "constant", 64, after) == [2.5] * 8
     with pytest.raises(ValueError, match="linear"):
-        masking.cfg_scales(2.5, "cosine", 64, after)
+        schedules.cfg_scales(2.5, "cosine", 64, after)
 
 
 # ------------------------------------------------------------------ class embedding and label drop
@@ -164,7 +166,7 @@ def test_buffer_positions_carry_class_or_fake_embedding(drop, use_fake):
 def test_label_drop_rate():
     model = tiny(label_drop_prob=0.3).train()
     g = torch.Generator().manual_seed(0)
-    drops = (masking.rand((20000,), g) < model.label_drop_prob).float().mean()
+    drops = (order_policies.rand((20000,), g) < model.label_drop_prob).float().mean()
     assert abs(drops - 0.3) < 0.015
 
 
@@ -199,12 +201,12 @@ def _reference_z(model, x, mask, class_embedding):
 def test_encoder_decoder_match_reference_style_path():
     model = tiny().eval()
     x = torch.randn(3, model.seq_len, model.token_embed_dim)
-    orders = masking.random_orders(3, model.seq_len, torch.Generator().manual_seed(5))
+    orders = order_policies.random_orders(3, model.seq_len, torch.Generator().manual_seed(5))
     m = 11
-    _, visible = masking.split_by_order(orders, m)
+    _, visible = schedules.split_by_order(orders, m)
     ce = model.class_emb(torch.tensor([0, 4, 9]))
     z = model.forward_mae_decoder(model.forward_mae_encoder(x, visible, ce), visible)
-    z_ref = _reference_z(model, x, masking.mask_from_orders(orders, m).float(), ce)
+    z_ref = _reference_z(model, x, schedules.mask_from_orders(orders, m).float(), ce)
     torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
 
 
@@ -219,9 +221,9 @@ def test_training_loss_equals_reference_style_computation():
     tokens, labels = torch.randn(2, 4, 4, 4), torch.tensor([1, 8])
     loss = model(tokens, labels, generator=torch.Generator().manual_seed(9))
     g = torch.Generator().manual_seed(9)
-    orders = masking.random_orders(2, model.seq_len, g)
-    m = math.ceil(model.seq_len * masking.sample_mask_ratio(g, 0.7))
-    mask = masking.mask_from_orders(orders, m).float()
+    orders = order_policies.random_orders(2, model.seq_len, g)
+    m = math.ceil(model.seq_len * schedules.sample_mask_ratio(g, 0.7))
+    mask = schedules.mask_from_orders(orders, m).float()
     x = model.patchify(tokens)
     z = _reference_z(model, x, mask, model.class_emb(labels))
     n = model.diffusion_batch_mul
@@ -234,7 +236,7 @@ def test_training_loss_equals_reference_style_computation():
     again = model(model.unpatchify(x2), labels, generator=torch.Generator().manual_seed(9))
     assert not torch.allclose(again, loss)  # visible tokens are inputs, so z changes...
     g2 = torch.Generator().manual_seed(9)
-    masking.random_orders(2, model.seq_len, g2), masking.sample_mask_ratio(g2, 0.7)
+    order_policies.random_orders(2, model.seq_len, g2), schedules.sample_mask_ratio(g2, 0.7)
     only_targets = model.diffloss(x2.reshape(-1, 4).repeat(n, 1), z.reshape(-1, z.shape[-1]).repeat(n, 1),
                                   mask.reshape(-1).repeat(n), generator=g2)
     torch.testing.assert_close(only_targets, loss)  # ...but their targets never enter the loss

@@ -1,4 +1,4 @@
-"""mar.metrics (torch-fidelity wrappers, statistics files) and mar.classifier (Fashion-MNIST features).
+"""mar.eval.metrics (torch-fidelity wrappers, statistics files) and mar.eval.classifier (Fashion-MNIST features).
 
 No Inception weights exist offline: the tests build a random-weights file whose BatchNorm running
 statistics are calibrated on random images (otherwise features collapse), once per session. Inception
@@ -20,10 +20,10 @@ from safetensors.torch import save_file
 from torch_fidelity.utils import create_feature_extractor
 
 from helpers import synthetic_classes, write_pngs
-from mar.classifier import (EXTRACTOR_NAME, ClassifierConfig, FashionClassifier, class_accuracy, cosine_lr,
+from mar.eval.classifier import (EXTRACTOR_NAME, ClassifierConfig, FashionClassifier, class_accuracy, cosine_lr,
                             load_classifier, predict_logits, read_classifier_metadata, register_fmnist_extractor,
                             save_classifier, to_network_input, train_classifier)
-from mar.metrics import (INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE, INCEPTION_WEIGHTS_URL, ImageFiles,
+from mar.eval.metrics import (INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE, INCEPTION_WEIGHTS_URL, ImageFiles,
                          compute_reference_stats, feature_space, file_sha256, folder_class_accuracy,
                          load_statistics, read_adm_npz, resolve_inception_weights, save_statistics,
                          score_against_stats, score_folder, score_folders, write_adm_npz)
@@ -176,7 +176,7 @@ def test_to_network_input_conversions():
     x = to_network_input(grey.unsqueeze(1).expand(3, 3, 28, 28))  # grey stored as RGB
     assert x.shape == (3, 1, 32, 32)
     assert torch.equal(x[:, 0, 2:30, 2:30], grey.float() / 127.5 - 1)
-    assert (x[:, :, :2] == -1).all() and (x[:, :, :, 30:] == -1).all()  # black padding, as mar.data
+    assert (x[:, :, :2] == -1).all() and (x[:, :, :, 30:] == -1).all()  # black padding, as mar.engine.data
     assert torch.equal(to_network_input(x), x)  # float in [-1, 1] at 32x32 passes through
     rgb = torch.tensor([30, 60, 120], dtype=torch.uint8).view(1, 3, 1, 1).expand(1, 3, 32, 32)
     assert torch.allclose(to_network_input(rgb), torch.full((1, 1, 32, 32), 70 / 127.5 - 1))  # channel mean
@@ -374,7 +374,7 @@ def test_sample_folder_ignores_grid_and_other_pictures(tmp_path):
     """sample.py writes grid.png beside the {index}_c{class}.png samples: only the samples are scored."""
     from PIL import Image
 
-    from mar.metrics import ImageFiles
+    from mar.eval.metrics import ImageFiles
 
     for i in range(3):
         Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / f"{i:06d}_c{i % 2:03d}.png")

@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 
 import sample
-from mar import create_model, sampling
-from mar.checkpoint import export_safetensors, read_safetensors, save_checkpoint
+from mar import create_model
+from mar.eval import sample_folders as sampling
+from mar.engine.checkpoint import export_safetensors, read_safetensors, save_checkpoint
 from mar.config import TrainConfig, config_to_dict, load_config
 from tokenizers import KLTokenizer, kl_vae_preset
 
@@ -342,8 +343,8 @@ def test_evaluate_sweep_table_plot_report_and_best(files, tmp_path, capsys):
     import csv
 
     import evaluate
-    from mar.classifier import ClassifierConfig, FashionClassifier, save_classifier
-    from mar.metrics import score_folder
+    from mar.eval.classifier import ClassifierConfig, FashionClassifier, save_classifier
+    from mar.eval.metrics import score_folder
 
     torch.manual_seed(0)
     clf = tmp_path / "clf.safetensors"

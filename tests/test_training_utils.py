@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mar import create_model
-from mar.training import batch_indices, ema_decay, ema_update, lr_at, param_groups
+from mar.engine.loop import batch_indices, ema_decay, ema_update, lr_at, param_groups
 
 
 def test_lr_schedule_formulas():
@@ -60,7 +60,7 @@ def test_slots_of_a_step_partition_the_global_batch_and_epochs_permute():
 
 
 def test_launch_trap_is_refused(monkeypatch):
-    from mar.training import check_launch
+    from mar.engine.loop import check_launch
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu"):

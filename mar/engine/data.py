@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset, Sampler
 
-from mar.checkpoint import export_safetensors
+from mar.engine.checkpoint import export_safetensors
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"

@@ -7,9 +7,8 @@ checkpoint looks like (the trainer picks the keys)::
     {"model": state_dict, "ema": state_dict, "optimizer": optimizer.state_dict(),
      "config": config_to_dict(cfg), "step": int, "epoch": int, "rng": capture_rng_state(generator)}
 
-Every file is first written as ``<name>.tmp-<pid>`` in the same folder, flushed and fsynced, then renamed
-over the final name with `os.replace` (and the folder fsynced): a reader, or a resume after a crash, sees
-the old file or the new one, never half of one.
+Every file is written with ``mar.io.atomic_write``: a reader, or a resume after a crash, sees the old file or
+the new one, never half of one.
 """
 from __future__ import annotations
 
@@ -18,7 +17,6 @@ import os
 import random
 import re
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,32 +25,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from mar.io import atomic_write
+
 _PLAIN_SCALARS = (bool, int, float, str, type(None), torch.dtype, torch.Size)
 _STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 
 
 class CheckpointError(ValueError):
     """A file is missing pieces, is not a checkpoint, or holds objects a safe load refuses."""
-
-
-# --- atomic writes ---------------------------------------------------------------------------------------------
-def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp)` (it must flush and fsync), then rename tmp -> path and fsync the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return path
 
 
 def check_plain(obj: Any, where: str = "checkpoint") -> None:
@@ -82,10 +62,8 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 # --- safe loading ---------------------------------------------------------------------------------------------
@@ -175,15 +153,7 @@ def export_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathL
             raise TypeError(f"export_safetensors: {k!r} is a {type(v).__name__}, not a tensor")
         tensors[k] = v.detach().contiguous().cpu()
 
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp), metadata=metadata)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    return _atomic_write(path, write)
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -17,7 +17,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import re
 import zipfile
 from pathlib import Path
@@ -27,13 +26,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mar.data import item_seed
-from mar.images import save_grid
-from mar.presets import PRESETS
+from mar.engine.data import item_seed
+from mar.io import atomic_write
+from mar.registry import PRESETS
 
 SETTINGS_FORMAT = "mar-samples-v1"
 SAMPLE_NAME = re.compile(r"^(\d+)_c(\d+)\.png$")
-TEMP_NAME = re.compile(r"^\..+\.tmp-\d+$")  # mar.images.save_png / write_json / write_npz temporaries
 GRID_COLUMNS, GRID_MAX_ROWS = 8, 16
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -69,22 +67,7 @@ def grid_layout(num_images: int, classes: Sequence[int]) -> tuple[list[int], int
     return list(range(n)), min(GRID_COLUMNS, n)
 
 
-def write_grid(images: np.ndarray, nrow: int, path: Path) -> None:
-    """Grid PNG of (n, H, W, C) uint8 images; images smaller than 64 px are enlarged (nearest)."""
-    save_grid(images, path, nrow=nrow, upscale=max(1, 64 // images.shape[1]))
-
-
 # --- what is on disk --------------------------------------------------------------------------------------------
-def remove_temp_files(folder: Path) -> int:
-    """Delete the temporaries a killed run left (``.<name>.tmp-<pid>``); returns how many."""
-    n = 0
-    for p in folder.iterdir() if folder.is_dir() else ():
-        if TEMP_NAME.match(p.name) and p.is_file():
-            p.unlink(missing_ok=True)
-            n += 1
-    return n
-
-
 def existing_samples(folder: Path, num_images: int, classes: Sequence[int]) -> set[int]:
     """Indices whose PNG is complete on disk. Raises SettingsMismatch on an image that this setting
     would not make (index >= N, or a class that is not label(i)): never mix images of two settings."""
@@ -123,12 +106,6 @@ def fingerprint(state_dict: dict[str, torch.Tensor], extra: Any = None) -> str:
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, without a copy
     return h.hexdigest()
-
-
-def write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def read_settings(folder: Path) -> dict | None:
@@ -204,13 +181,16 @@ def write_npz(path: Path, folder: Path, num_images: int, classes: Sequence[int],
     into the zip member (no N-image array in memory) and renamed into place when complete."""
     first = read_samples(folder, [0], classes)
     shape = (num_images, *first.shape[1:])
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
-            for s in range(0, num_images, chunk):
-                f.write(np.ascontiguousarray(read_samples(folder, range(s, min(num_images, s + chunk)), classes)).data)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+                for s in range(0, num_images, chunk):
+                    batch = read_samples(folder, range(s, min(num_images, s + chunk)), classes)
+                    f.write(np.ascontiguousarray(batch).data)
+
+    atomic_write(path, write)
 
 
 def rate(images: int, seconds: float) -> dict[str, float | None]:

@@ -23,13 +23,12 @@ import os
 import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, TypeVar, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from tokenizers.training import VAETrainConfig
+from mar.io import write_text
 
 C = TypeVar("C")
 
@@ -281,138 +280,4 @@ def config_to_dict(cfg: Any) -> Any:
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically); `load_config(type(cfg), path)` gives it back."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
-
-
-# --- the training schema (defaults: the reference MAR-B ImageNet recipe, SPEC.md section 5) ------------------
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
-@dataclass
-class ModelConfig:
-    preset: str = "mar_base"
-    img_size: int = 256
-    vae_stride: int = 16
-    patch_size: int = 1
-    token_channels: int = 16
-    num_classes: int = 1000
-    buffer_size: int = 64
-    label_drop_prob: float = 0.1
-    attn_dropout: float = 0.1
-    proj_dropout: float = 0.1
-    mask_ratio_min: float = 0.7
-    diffusion_batch_mul: int = 4
-    num_sampling_steps: str = "100"
-    grad_checkpointing: bool = False
-    # None = take the size from the preset
-    encoder_embed_dim: Optional[int] = None
-    encoder_depth: Optional[int] = None
-    encoder_num_heads: Optional[int] = None
-    decoder_embed_dim: Optional[int] = None
-    decoder_depth: Optional[int] = None
-    decoder_num_heads: Optional[int] = None
-    diffloss_depth: Optional[int] = None
-    diffloss_width: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        _check(self.img_size % (self.vae_stride * self.patch_size) == 0,
-               f"img_size must be a multiple of vae_stride * patch_size = {self.vae_stride * self.patch_size}, "
-               f"got {self.img_size}")
-        _check(0.0 < self.mask_ratio_min <= 1.0, f"mask_ratio_min must be in (0, 1], got {self.mask_ratio_min}")
-        _check(0.0 <= self.label_drop_prob < 1.0, f"label_drop_prob must be in [0, 1), got {self.label_drop_prob}")
-        _check(self.diffusion_batch_mul >= 1, f"diffusion_batch_mul must be >= 1, got {self.diffusion_batch_mul}")
-
-
-@dataclass
-class TokenizerConfig:
-    preset: str = "kl16"
-    checkpoint: Optional[str] = None  # LDM .ckpt (published KL-16) or a project .safetensors
-    scaling_factor: Optional[float] = None  # None = the tokenizer's own factor
-    in_channels: Optional[int] = None  # None = the preset's (3); 1 for grey images
-
-
-@dataclass
-class DataConfig:
-    kind: Literal["imagefolder", "fashion_mnist", "latents"] = "imagefolder"
-    path: Optional[str] = None  # None = the kind's default location (Fashion-MNIST: the Debian package's)
-    split: str = "train"
-    image_size: int = 256
-    hflip: bool = True
-    num_workers: int = 4
-    cache_path: Optional[str] = None
-
-
-@dataclass
-class OptimConfig:
-    batch_size: int = 64  # per process
-    grad_accum: int = 1
-    blr: float = 1e-4  # lr = blr * global_batch / 256 unless `lr` is set
-    lr: Optional[float] = None
-    min_lr: float = 0.0
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_epochs: float = 100
-    epochs: int = 400
-    weight_decay: float = 0.02
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 3.0
-    ema_rate: float = 0.9999
-    ema_warmup: bool = False  # decay min(ema_rate, (1+step)/(10+step)): for short runs; off in the reference recipe
-
-    def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        _check(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
-        _check(all(0.0 <= b < 1.0 for b in self.betas), f"betas must be in [0, 1), got {list(self.betas)}")
-        _check(0.0 <= self.ema_rate <= 1.0, f"ema_rate must be in [0, 1], got {self.ema_rate}")
-
-
-@dataclass
-class RunConfig:
-    output_dir: str = "runs/mar"
-    seed: int = 0
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    save_every_steps: int = 1000
-    sample_every_steps: int = 5000
-    log_every_steps: int = 50
-    max_steps: Optional[int] = None
-    trackers: list[Literal["jsonl", "tensorboard"]] = field(default_factory=lambda: ["jsonl"])
-
-
-@dataclass
-class SampleConfig:
-    num_iter: int = 64
-    cfg: float = 1.0
-    cfg_schedule: Literal["linear", "constant"] = "linear"
-    temperature: float = 1.0
-    # opt-in sampler guard: clamp the head's predicted x0 to [-r, r] (token units); None = the reference
-    clip_denoised: Optional[float] = None
-
-    def __post_init__(self) -> None:
-        _check(self.num_iter >= 1, f"num_iter must be >= 1, got {self.num_iter}")
-        _check(self.clip_denoised is None or 0.0 < self.clip_denoised < float("inf"),
-               f"clip_denoised must be a positive number or null (off), got {self.clip_denoised}")
-
-
-@dataclass
-class TrainConfig:
-    task: Literal["mar", "tokenizer"] = "mar"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: RunConfig = field(default_factory=RunConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    vae: VAETrainConfig = field(default_factory=VAETrainConfig)  # used when task = tokenizer
-
-
-def effective_lr(optim: OptimConfig, global_batch: int) -> float:
-    """Absolute peak learning rate: ``optim.lr`` if set, else ``blr * global_batch / 256``.
-
-    global_batch = batch_size * grad_accum * number of processes.
-    """
-    return optim.lr if optim.lr is not None else optim.blr * global_batch / 256
+    write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

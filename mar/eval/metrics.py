@@ -12,7 +12,7 @@ the local weights and the names:
   reference batches, whose other keys such as ``arr_0`` are not read) or ours, ``.safetensors`` with
   ``mu``/``sigma`` float64 and metadata (feature extractor, layer, weights hash, image count).
 - With ``features="fmnist"`` the same machinery runs on the project's Fashion-MNIST classifier
-  (``mar.classifier``) and the results are named ``fd_fmnist``, ``is_fmnist``, ``kd_fmnist``, ... never FID.
+  (``mar.eval.classifier``) and the results are named ``fd_fmnist``, ``is_fmnist``, ``kd_fmnist``, ... never FID.
 
 Images are read with PIL (grey/paletted images converted to RGB); torchvision's image I/O is not used.
 """
@@ -38,7 +38,7 @@ from torch_fidelity.metric_kid import kid_featuresdict_to_metric
 from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id
 
-from mar.classifier import (FeatureExtractorFMNIST, class_accuracy, fashion_mnist_uint8, load_classifier,
+from mar.eval.classifier import (FeatureExtractorFMNIST, class_accuracy, fashion_mnist_uint8, load_classifier,
                             register_fmnist_extractor)
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -301,7 +301,7 @@ def load_statistics(path: str) -> FIDStatistics:
             with safe_open(path, framework="numpy") as f:
                 meta = dict(f.metadata() or {})
                 if meta.pop("format", None) != STATS_FORMAT or set(f.keys()) != {"mu", "sigma"}:
-                    raise ValueError(f"{path} is not a statistics file written by mar.metrics")
+                    raise ValueError(f"{path} is not a statistics file written by mar.eval.metrics")
                 mu, sigma = f.get_tensor("mu"), f.get_tensor("sigma")
         except SafetensorError as e:
             raise ValueError(f"{path} is not a safetensors statistics file ({e})") from None

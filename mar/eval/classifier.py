@@ -12,7 +12,7 @@ Glossary
   F     feature width (``feature_dim``, 256): penultimate activations, used for FD / KD / precision-recall
   K     number of classes (10): the logits, used for the IS-style score and class accuracy
 
-Input convention: grey images as float in [-1, 1] of shape (B, 1, 32, 32), as ``mar.data`` returns
+Input convention: grey images as float in [-1, 1] of shape (B, 1, 32, 32), as ``mar.engine.data`` returns
 them; ``to_network_input`` converts uint8 images of any channel count and size to that.
 """
 
@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-from mar.data import FashionMNISTDataset
+from mar.engine.data import FashionMNISTDataset
 
 FILE_FORMAT = "mar-fmnist-classifier"  # safetensors metadata "format" of a classifier file
 EXTRACTOR_NAME = "mar-fmnist-classifier"  # name registered in torch-fidelity's feature-extractor registry
@@ -81,7 +81,7 @@ def to_network_input(images: torch.Tensor, size: int = 32) -> torch.Tensor:
     """uint8 (B, H, W) / (B, C, H, W) with C in {1, 3}, or float in [-1, 1] -> (B, 1, size, size) float in [-1, 1].
 
     Grey = channel mean (exact for grey images stored as RGB). 28x28 (raw Fashion-MNIST) is padded by
-    2 pixels of black (-1) on each side, as ``mar.data`` pads; other sizes are resized (bilinear, antialias).
+    2 pixels of black (-1) on each side, as ``mar.engine.data`` pads; other sizes are resized (bilinear, antialias).
     """
     if images.dim() == 3:
         images = images.unsqueeze(1)
@@ -89,11 +89,11 @@ def to_network_input(images: torch.Tensor, size: int = 32) -> torch.Tensor:
         raise ValueError(f"expected images (B, H, W) or (B, 1|3, H, W), got shape {tuple(images.shape)}")
     x = images.float().mean(dim=1, keepdim=True)  # (B, 1, H, W); mean of integers: exact for grey-as-RGB
     if images.dtype == torch.uint8:
-        x = x / 127.5 - 1.0  # the same numbers as mar.data's pixel / 127.5 - 1
+        x = x / 127.5 - 1.0  # the same numbers as mar.engine.data's pixel / 127.5 - 1
     h, w = x.shape[-2:]
     if (h, w) == (size, size):
         return x
-    if (h, w) == (28, 28) and size > 28 and size % 2 == 0:  # raw Fashion-MNIST: pad with black like mar.data
+    if (h, w) == (28, 28) and size > 28 and size % 2 == 0:  # raw Fashion-MNIST: pad with black like mar.engine.data
         p = (size - 28) // 2
         return F.pad(x, (p, p, p, p), value=-1.0)
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
@@ -181,7 +181,7 @@ def read_classifier_metadata(path: str) -> dict:
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path} is not a safetensors classifier file ({e}); {TRAIN_HINT}") from None
     if meta.get("format") != FILE_FORMAT:
-        raise ValueError(f"{path} is not a Fashion-MNIST classifier written by mar.classifier (metadata format "
+        raise ValueError(f"{path} is not a Fashion-MNIST classifier written by mar.eval.classifier (metadata format "
                          f"{meta.get('format')!r}, expected {FILE_FORMAT!r}); {TRAIN_HINT}")
     return {k: (v if k == "format" else json.loads(v)) for k, v in meta.items()}
 
@@ -247,7 +247,7 @@ def register_fmnist_extractor() -> str:
 
 
 def fashion_mnist_uint8(split: str, root: str | None = None, pad_to: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fashion-MNIST as the model sees it (``mar.data``: padded to 32x32 with black): uint8 (N, H, W), labels (N,)."""
+    """Fashion-MNIST as the model sees it (``mar.engine.data``: padded to 32x32 with black): uint8 (N, H, W), labels (N,)."""
     ds = FashionMNISTDataset(root=root, split=split, pad_to=pad_to, hflip=False)
     x = torch.stack([ds[i][0] for i in range(len(ds))])  # (N, 1, H, W) in [-1, 1]
     images = ((x[:, 0] + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)  # exact inverse of p / 127.5 - 1

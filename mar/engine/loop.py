@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn as nn
 
-from mar.data import epoch_permutation, item_seed
+from mar.engine.data import epoch_permutation, item_seed
 
 
 def lr_at(epoch: float, base_lr: float, warmup_epochs: float, total_epochs: float,

@@ -76,9 +76,9 @@ def load_pretrained(name: str, path: str | Path, ema: bool = True, **kwargs) -> 
     """Build preset ``name`` and load a published ``checkpoint-last.pth`` (or a project checkpoint).
 
     ``ema=True`` (default) takes the EMA weights the published numbers use; ``ema=False`` the raw
-    ones. Loading never unpickles arbitrary objects (see ``mar.checkpoint``).
+    ones. Loading never unpickles arbitrary objects (see ``mar.engine.checkpoint``).
     """
-    from mar.checkpoint import load_reference_mar_state_dict
+    from mar.engine.checkpoint import load_reference_mar_state_dict
 
     state_dict = load_reference_mar_state_dict(path, ema=ema)
     model = create_model(name, **kwargs)

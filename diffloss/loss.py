@@ -109,8 +109,9 @@ class DiffLoss(nn.Module):
         cfg == 1: z (N, D), x_T ~ N(0, I) (N, C). cfg != 1: z = [cond; uncond] (2N, D); x_T is drawn for
         N rows and duplicated, every step uses `guided_model_output`, and the cond half (first N rows)
         is returned. All noise is drawn with `generator` on z.device in z.dtype: x_T first, then (rows, C)
-        per step. `noise` = (x_T (N, C), per-step noise (K, len(z), C)) replaces those draws (e.g. noise
-        drawn sample by sample from per-sample generators).
+        per step. `noise` = (x_T (N, C), per-step noise (K, len(z), C)) replaces those draws. `generator` may
+        also be a list of B generators, one per sample owning N / B consecutive rows of each half: the noise
+        is then drawn sample by sample (`per_sample_noise`), so a sample's tokens do not depend on its batch.
 
         Fast path (opt-in; the defaults are the reference sampler): `sampler="ddim"` with `eta` in [0, 1]
         (eta = 0: deterministic, no per-step noise, so noise[1] may be None); `num_steps` respaces to that
@@ -124,11 +125,16 @@ class DiffLoss(nn.Module):
         diffusion = self.sampling_diffusion(num_steps)
         if z.dim() != 2:
             raise ValueError(f"z must be (N, D), got {tuple(z.shape)}")
-        check_generator(generator, z.device)
         guided = float(cfg) != 1.0
         if guided and len(z) % 2:
             raise ValueError(f"with cfg != 1, z must hold [cond; uncond] rows (an even count), got {len(z)}")
         n = len(z) // 2 if guided else len(z)
+        if isinstance(generator, (list, tuple)):  # one generator per sample: draw its rows' noise from it alone
+            if noise is not None:
+                raise ValueError("pass either noise or a list of generators, not both")
+            drawn = 0 if sampler == "ddim" and eta == 0.0 else diffusion.num_timesteps  # eta = 0 DDIM: x_T only
+            noise, generator = per_sample_noise(generator, n, self.in_channels, drawn, guided, z.device, z.dtype), None
+        check_generator(generator, z.device)
         step_noise = None
         if noise is None:
             x_T = torch.randn((n, self.in_channels), generator=generator, device=z.device, dtype=z.dtype)
@@ -153,6 +159,27 @@ class DiffLoss(nn.Module):
                 x = diffusion.p_sample_loop(net_fn, tuple(x_T.shape), x_T, temperature, generator,
                                             step_noise=step_noise, clip_denoised=clip_denoised)
         return x[:n]
+
+
+def per_sample_noise(generators, n: int, channels: int, steps: int, guided: bool, device, dtype
+                     ) -> tuple[Tensor, Tensor | None]:
+    """All the sampler's noise for N = B * r rows, drawn sample by sample: generator b draws its r rows.
+
+    Generator b draws (1 + steps * halves, r, C) at once: its x_T rows, then its rows of every step (cond half,
+    then uncond half with CFG). Returns (x_T (N, C), per-step noise (steps, halves * N, C)) in the row layout of
+    `DiffLoss.sample` ([cond (N); uncond (N)] per step), or (x_T, None) for steps = 0 (deterministic DDIM).
+    """
+    b = len(generators)
+    if n % b:
+        raise ValueError(f"{n} rows do not split over {b} per-sample generators: pass one per sample")
+    r, halves = n // b, 2 if guided else 1
+    draws = [torch.randn((1 + steps * halves, r, channels), generator=g, device=g.device, dtype=dtype).to(device)
+             for g in generators]
+    x_t = torch.cat([d[0] for d in draws])  # (N, C)
+    if steps == 0:
+        return x_t, None
+    per_step = torch.stack([d[1:].reshape(steps, halves, r, channels) for d in draws], dim=2)  # (S, halves, B, r, C)
+    return x_t, per_step.reshape(steps, halves * n, channels)
 
 
 def check_sampling_options(sampler: str = "ddpm", eta: float = 0.0, autocast_dtype: torch.dtype | None = None,

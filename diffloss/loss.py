@@ -195,8 +195,8 @@ def check_sampling_options(sampler: str = "ddpm", eta: float = 0.0, autocast_dty
         raise ValueError(f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {autocast_dtype!r}")
     if clip_denoised is not None and (isinstance(clip_denoised, bool) or not isinstance(clip_denoised, (int, float))
                                       or not math.isfinite(clip_denoised) or clip_denoised <= 0):
-        raise ValueError(f"clip_denoised must be None (off, the reference) or a positive number r (the predicted "
-                         f"x0 is clamped to [-r, r], in token units), got {clip_denoised!r}")
+        raise ValueError(f"clip_denoised must be None / null (off, the reference sampler) or a positive number r "
+                         f"(the predicted x0 is clamped to [-r, r], in token units), got {clip_denoised!r}")
 
 
 @contextlib.contextmanager

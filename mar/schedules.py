@@ -15,6 +15,17 @@ import torch
 from mar.orders import rand
 
 
+def check_guidance(cfg: float, temperature: float) -> None:
+    """One clear error for a guidance scale below 0 or a temperature that is not positive."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not (number(cfg) and cfg >= 0):
+        raise ValueError(f"cfg must be a finite number >= 0 (1 = no guidance), got {cfg!r}")
+    if not (number(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0 (it scales the sampler's noise), got "
+                         f"{temperature!r}")
+
+
 def sample_mask_ratio(generator=None, min_ratio: float = 0.7, mean: float = 1.0, std: float = 0.25) -> float:
     """One training mask ratio r ~ Normal(mean, std) truncated to [min_ratio, 1.0] (MAR paper, Sec. 3.3).
 

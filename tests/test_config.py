@@ -118,8 +118,9 @@ def test_override_errors():
     assert str(e.value) == "override 'optim.betas=[0.9, 1.5]': optim.betas must be in [0, 1), got [0.9, 1.5]"
     with pytest.raises(ConfigError) as e:
         load_config(TrainConfig, overrides=["sample.clip_denoised=-1"])
-    assert str(e.value) == ("override 'sample.clip_denoised=-1': sample.clip_denoised must be a positive number "
-                            "or null (off), got -1.0")
+    assert str(e.value) == ("override 'sample.clip_denoised=-1': sample.clip_denoised must be None / null (off, the "
+                            "reference sampler) or a positive number r (the predicted x0 is clamped to [-r, r], in "
+                            "token units), got -1.0")  # the one check of mar.config.SamplingOptions
     assert load_config(TrainConfig, overrides=["sample.clip_denoised=5"]).sample.clip_denoised == 5.0
 
 

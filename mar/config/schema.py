@@ -6,9 +6,14 @@ naming the dotted key. Derived numbers (the absolute learning rate) are function
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal, Optional
 
+import torch
+
+from diffloss.diffusion import annealed_step_counts
+from diffloss.loss import NUM_TRAIN_TIMESTEPS, check_sampling_options
+from mar.schedules import check_guidance
 from tokenizers.training import VAETrainConfig
 
 
@@ -106,19 +111,81 @@ class RunConfig:
     trackers: list[Literal["jsonl", "tensorboard"]] = field(default_factory=lambda: ["jsonl"])
 
 
-@dataclass
-class SampleConfig:
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype of each precision
+
+
+def precision_of(autocast_dtype: torch.dtype | None) -> str:
+    """The precision name of an autocast dtype (None = fp32, no autocast)."""
+    for name, dtype in PRECISIONS.items():
+        if dtype == autocast_dtype:
+            return name
+    raise ValueError(f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {autocast_dtype!r}")
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How the head samples: the opt-in fast path and guard, validated once here. The defaults are the
+    reference sampler (ancestral DDPM over the model's num_sampling_steps, fp32, no guard).
+
+    ``sampler`` "ddim" with ``eta`` in [0, 1] (0 = deterministic); ``diffusion_steps_schedule`` (first, last)
+    diffusion steps annealed over the generation steps (``diffusion_steps_shape`` linear or cosine; None = the
+    model's fixed count); ``precision`` bf16 / fp16 runs the generator and the head under autocast;
+    ``clip_denoised`` r clamps the head's predicted x0 to [-r, r] at every diffusion step (IDDPM's
+    ``clip_denoised`` in token units; it keeps a briefly trained head stable).
+    """
+
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    eta: float = 0.0
+    diffusion_steps_schedule: Optional[tuple[int, int]] = None
+    diffusion_steps_shape: Literal["linear", "cosine"] = "linear"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    clip_denoised: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got "
+                                             f"{self.precision!r}")
+        check_sampling_options(self.sampler, self.eta, self.autocast_dtype, self.clip_denoised)
+        steps = self.diffusion_steps_schedule
+        if steps is not None:
+            _check(isinstance(steps, (tuple, list)) and len(steps) == 2
+                   and all(isinstance(v, int) and not isinstance(v, bool) and 2 <= v <= NUM_TRAIN_TIMESTEPS
+                           for v in steps),
+                   f"diffusion_steps_schedule must be (first, last), two ints in [2, {NUM_TRAIN_TIMESTEPS}] "
+                   f"(e.g. (100, 25)), or None, got {steps!r}")
+            object.__setattr__(self, "diffusion_steps_schedule", tuple(steps))
+        _check(self.diffusion_steps_shape in ("linear", "cosine"),
+               f"diffusion_steps_shape must be 'linear' or 'cosine', got {self.diffusion_steps_shape!r}")
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return PRECISIONS[self.precision]
+
+    def steps_per_iteration(self, num_iter: int) -> list[int | None]:
+        """Diffusion steps of each generation step: the annealed counts, or None (the model's fixed count)."""
+        if self.diffusion_steps_schedule is None:
+            return [None] * num_iter
+        first, last = self.diffusion_steps_schedule
+        return annealed_step_counts(first, last, num_iter, self.diffusion_steps_shape)
+
+    def sampling_options(self) -> SamplingOptions:
+        """Just the options (for a section that extends them)."""
+        return SamplingOptions(**{f.name: getattr(self, f.name) for f in fields(SamplingOptions)})
+
+
+@dataclass(frozen=True)
+class SampleConfig(SamplingOptions):
+    """The ``sample:`` section: generation settings of a run (its grids, and sample.py's defaults for its
+    weights), plus the sampling options it extends."""
+
     num_iter: int = 64
     cfg: float = 1.0
     cfg_schedule: Literal["linear", "constant"] = "linear"
     temperature: float = 1.0
-    # opt-in sampler guard: clamp the head's predicted x0 to [-r, r] (token units); None = the reference
-    clip_denoised: Optional[float] = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check(self.num_iter >= 1, f"num_iter must be >= 1, got {self.num_iter}")
-        _check(self.clip_denoised is None or 0.0 < self.clip_denoised < float("inf"),
-               f"clip_denoised must be a positive number or null (off), got {self.clip_denoised}")
+        check_guidance(self.cfg, self.temperature)
 
 
 @dataclass

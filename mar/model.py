@@ -1,16 +1,21 @@
-"""The MAR transformer: a bidirectional MAE-style encoder/decoder over continuous tokens.
+"""MAR, the generator: a bidirectional MAE-style encoder/decoder over tokens (MAR paper, Sec. 3.3-3.4).
 
 Glossary: B batch, L tokens per image (seq_len), P buffer positions (buffer_size, 64), D width,
-C token channels (latent channels * patch_size**2), m masked tokens, K generation steps.
+C token channels (latent channels * patch_size**2), m masked tokens, V visible tokens.
 
-Training (``forward``): tokens -> random order per sample -> the first m = ceil(L*r) positions of
-the order are masked -> the encoder sees [class buffer; visible tokens] -> the decoder fills the
-masked positions with ``mask_token`` -> one condition z per token -> Diffusion Loss on masked tokens.
-Generation (``sample_tokens``): all L tokens start masked and are unmasked over a cosine schedule.
+Training (``forward``): tokens -> random order per sample -> the first m = ceil(L*r) positions of the order
+are masked -> the encoder sees [class buffer; visible tokens] -> the decoder fills the masked positions with
+``mask_token`` -> one condition z per token -> the head's loss on the masked tokens.
+Generation is a loop outside the module (``mar.generate.masked``); it asks the model only for
+``embed_labels`` and ``conditions`` (and ``head.sample``). ``sample_tokens`` is that loop with this model.
 
-Masks are kept as positions (``orders`` and a count m) rather than boolean tensors: the visible and
-masked positions are slices of the order, so neither training nor generation needs ``nonzero()``
-or any other host round trip.
+The head is a part (``mar.heads``): built from a spec after the transformer's own initialisation (the
+reference's order of random draws) and registered under the spec's name, ``diffloss`` for the Diffusion Loss
+head, so the published checkpoints' keys (``diffloss.net.*``) load unchanged.
+
+Masks are kept as positions (orders and a count m) rather than boolean tensors: the visible and masked
+positions are slices of the order, so neither training nor generation needs ``nonzero()`` or any other host
+round trip.
 """
 from __future__ import annotations
 
@@ -21,12 +26,11 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
-from tqdm.auto import tqdm
 
-from diffloss import DiffLoss
-from diffloss.diffusion import annealed_step_counts
-from diffloss.loss import NUM_TRAIN_TIMESTEPS, autocast_region, check_sampling_options
 from mar import orders, schedules
+from mar.config.schema import SamplingOptions, precision_of
+from mar.generate import masked
+from mar.heads import DiffusionHeadSpec, HeadSpec
 
 
 class MAR(nn.Module):
@@ -49,13 +53,12 @@ class MAR(nn.Module):
         attn_dropout: float = 0.1,
         proj_dropout: float = 0.1,
         mask_ratio_min: float = 0.7,
-        diffloss_depth: int = 6,
-        diffloss_width: int = 1024,
-        num_sampling_steps: str | int = "100",
-        diffusion_batch_mul: int = 4,
+        head: HeadSpec = DiffusionHeadSpec(depth=6, width=1024),
         grad_checkpointing: bool = False,
         generator: torch.Generator | None = None,
     ):
+        """Sizes as in the reference (defaults: MAR-B at 256 px on KL-16 tokens); ``head`` is the per-token
+        head's spec (``mar.heads``; default the MAR-B Diffusion Loss); ``generator`` seeds the initialisation."""
         super().__init__()
         if img_size % (vae_stride * patch_size) != 0:
             raise ValueError(
@@ -71,7 +74,6 @@ class MAR(nn.Module):
         self.token_embed_dim = token_channels * patch_size**2  # C
         self.num_classes, self.buffer_size = num_classes, buffer_size
         self.label_drop_prob, self.mask_ratio_min = label_drop_prob, mask_ratio_min
-        self.diffusion_batch_mul = diffusion_batch_mul
         self.grad_checkpointing = grad_checkpointing
         norm = partial(nn.LayerNorm, eps=1e-6)
         block = partial(Block, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm,
@@ -80,7 +82,7 @@ class MAR(nn.Module):
         # Encoder.
         self.class_emb = nn.Embedding(num_classes, encoder_embed_dim)
         self.fake_latent = nn.Parameter(torch.zeros(1, encoder_embed_dim))  # the "no class" embedding
-        self.z_proj = nn.Linear(self.token_embed_dim, encoder_embed_dim)
+        self.z_proj = head.input_embedding(self.token_embed_dim, encoder_embed_dim)  # tokens -> D
         self.z_proj_ln = norm(encoder_embed_dim)
         self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len + buffer_size, encoder_embed_dim))
         self.encoder_blocks = nn.ModuleList([block(encoder_embed_dim, encoder_num_heads) for _ in range(encoder_depth)])
@@ -95,12 +97,19 @@ class MAR(nn.Module):
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len, decoder_embed_dim))
         self.initialize_weights(generator)
 
-        # Diffusion Loss (initialised by itself, after the transformer, as in the reference).
-        self.diffloss = DiffLoss(
-            target_channels=self.token_embed_dim, z_channels=decoder_embed_dim, depth=diffloss_depth,
-            width=diffloss_width, num_sampling_steps=num_sampling_steps, grad_checkpointing=grad_checkpointing,
-            generator=generator,
-        )
+        # The head (initialised by itself, after the transformer, as in the reference).
+        self._head_name = head.module_name
+        self.add_module(head.module_name, head.build(self.token_embed_dim, decoder_embed_dim, generator))
+
+    @property
+    def head(self) -> nn.Module:
+        """The per-token head (``mar.heads.Head``), registered under its spec's ``module_name``."""
+        return getattr(self, self._head_name)
+
+    @property
+    def diffusion_batch_mul(self) -> int:
+        """Rows per token in the training loss: the Diffusion Loss head's ``batch_mul`` (1 for other heads)."""
+        return getattr(self.head, "batch_mul", 1)
 
     def initialize_weights(self, generator: torch.Generator | None = None) -> None:
         """N(0, 0.02) embeddings and tokens; xavier-uniform Linears with zero bias; unit LayerNorms."""
@@ -137,6 +146,15 @@ class MAR(nn.Module):
             raise ValueError(f"class labels must be in [0, {self.num_classes - 1}], got "
                              f"min {int(labels.min())}, max {int(labels.max())}")
 
+    def embed_labels(self, labels: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """The class vectors of the buffer: class_emb(labels) (B, D), or the fake "no class" latent for None."""
+        if labels is None:
+            return self.fake_latent.expand(batch_size, -1)
+        if labels.shape != (batch_size,):
+            raise ValueError(f"labels must have shape ({batch_size},), got {tuple(labels.shape)}")
+        self.check_labels(labels)
+        return self.class_emb(labels.to(self.fake_latent.device))
+
     # ---------------------------------------------------------------- encoder / decoder
     def _blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         for blk in blocks:
@@ -167,9 +185,13 @@ class MAR(nn.Module):
         x = self.decoder_norm(self._blocks(self.decoder_blocks, x + self.decoder_pos_embed_learned))
         return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned
 
+    def conditions(self, x: torch.Tensor, visible: torch.Tensor, class_embedding: torch.Tensor) -> torch.Tensor:
+        """z (B, L, D') for tokens x (B, L, C) of which the sorted positions ``visible`` (B, V) are seen."""
+        return self.forward_mae_decoder(self.forward_mae_encoder(x, visible, class_embedding), visible)
+
     # ---------------------------------------------------------------- training
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Diffusion Loss of a batch: tokens (B, c, h, w) scaled latents, labels (B,) -> scalar loss."""
+        """The head's loss on a batch: tokens (B, c, h, w) scaled latents, labels (B,) -> scalar loss."""
         self.check_labels(labels)
         x = self.patchify(tokens)  # (B, L, C)
         b = x.shape[0]
@@ -181,12 +203,10 @@ class MAR(nn.Module):
         ratio = schedules.sample_mask_ratio(generator, self.mask_ratio_min)
         m = schedules.num_masked_tokens(self.seq_len, ratio)
         _, visible = schedules.split_by_order(order, m)
-        z = self.forward_mae_decoder(self.forward_mae_encoder(x, visible, class_embedding), visible)
+        z = self.conditions(x, visible, class_embedding)  # (B, L, D')
         mask = schedules.mask_from_orders(order, m).to(x.dtype)  # (B, L), 1 = masked = in the loss
-        n = self.diffusion_batch_mul
-        target = x.detach().reshape(b * self.seq_len, -1).repeat(n, 1)
-        return self.diffloss(target, z.reshape(b * self.seq_len, -1).repeat(n, 1), mask.reshape(-1).repeat(n),
-                             generator=generator)
+        target = x.detach().reshape(b * self.seq_len, *x.shape[2:])
+        return self.head.loss(target, z.reshape(b * self.seq_len, -1), mask.reshape(-1), generator=generator)
 
     # ---------------------------------------------------------------- generation
     @torch.no_grad()
@@ -201,6 +221,7 @@ class MAR(nn.Module):
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         progress: bool = False,
         *,
+        options=None,
         sampler: str = "ddpm",
         eta: float = 0.0,
         diffusion_steps_schedule: tuple[int, int] | None = None,
@@ -208,106 +229,31 @@ class MAR(nn.Module):
         autocast_dtype: torch.dtype | None = None,
         clip_denoised: float | None = None,
     ) -> torch.Tensor:
-        """Generate (B, c, h, w) tokens (SPEC 4).
+        """Generate (B, c, h, w) tokens: ``mar.generate.masked`` with this model, unpatchified.
 
-        ``generator``: one generator for the batch, or a list of B generators (one per sample), in
-        which case sample b depends only on its own generator, whatever the batch around it.
-        ``labels`` None generates unconditionally (the fake class vector).
+        ``generator``: one generator for the batch, or a list of B generators (one per sample), in which case
+        sample b depends only on its own generator, whatever the batch around it. ``labels`` None generates
+        unconditionally (the fake class vector).
 
-        Fast path, opt-in (the defaults run the reference algorithm, unchanged):
-        ``sampler="ddim"`` with ``eta`` in [0, 1] for the head (0 = deterministic); ``diffusion_steps_schedule``
-        = (start, end) diffusion steps for the first and the last MAR iteration, interpolated over the
-        iterations by ``diffusion_steps_shape`` ("linear" or "cosine", see ``annealed_step_counts``; None =
-        the model's fixed ``num_sampling_steps``); ``autocast_dtype`` (torch.bfloat16 / torch.float16) runs the
-        transformer and the head under autocast, tokens and diffusion arithmetic staying in the model dtype.
-
-        Guard, opt-in (either path): ``clip_denoised`` r clamps the head's predicted x0 to [-r, r] at every
-        diffusion step (``DiffLoss.sample``). It keeps an under-trained head stable: on the cosine schedule the
-        first respaced step multiplies the eps error by sqrt(abar_989 / abar_999) ~ 350. None = the reference.
+        The sampler settings are ``options`` (a ``mar.config.SamplingOptions``), or the same settings as
+        keywords (``autocast_dtype`` for its ``precision``); the defaults are the reference algorithm. Opt-in:
+        ``sampler="ddim"`` with ``eta``, ``diffusion_steps_schedule=(first, last)`` annealed over the iterations
+        (``diffusion_steps_shape``), ``autocast_dtype`` bf16 / fp16, and the guard ``clip_denoised`` r.
         """
-        device, dtype = self.fake_latent.device, self.fake_latent.dtype
-        b, L, C = batch_size, self.seq_len, self.token_embed_dim
-        per_sample = isinstance(generator, (list, tuple))
-        check_sampling_options(sampler, eta, autocast_dtype, clip_denoised)
-        step_counts = self._diffusion_step_counts(diffusion_steps_schedule, diffusion_steps_shape, num_iter)
-        fast = sampler != "ddpm" or step_counts is not None or autocast_dtype is not None
-        if labels is not None:
-            if labels.shape != (b,):
-                raise ValueError(f"labels must have shape ({b},), got {tuple(labels.shape)}")
-            self.check_labels(labels)
-            class_embedding = self.class_emb(labels.to(device))
-        else:
-            class_embedding = self.fake_latent.expand(b, -1)
-        use_cfg = cfg != 1.0
-        if use_cfg:  # one batched forward for [cond; uncond]
-            class_embedding = torch.cat([class_embedding, self.fake_latent.expand(b, -1)])
-        masked_after = schedules.generation_schedule(L, num_iter)
-        scales = schedules.cfg_scales(cfg, cfg_schedule, L, masked_after)
-        order = orders.random_orders(b, L, generator, device)
-        tokens = torch.zeros(b, L, C, device=device, dtype=dtype)
-        masked_now = L
-        with autocast_region(self, device.type, autocast_dtype):  # no-op on the exact path; casts weights once
-            for k in tqdm(range(num_iter), disable=not progress, desc="MAR steps", leave=False):
-                m_next = masked_after[k]
-                if m_next == masked_now:  # the clamp left nothing to predict at this step
-                    continue
-                visible = order[:, masked_now:].sort(dim=-1).values
-                pred = order[:, m_next:masked_now].sort(dim=-1).values  # (B, n) positions predicted now
-                x, vis, pos = tokens, visible, pred
-                if use_cfg:
-                    x, vis, pos = torch.cat([x, x]), torch.cat([vis, vis]), torch.cat([pred, pred])
-                z = self.forward_mae_decoder(self.forward_mae_encoder(x, vis, class_embedding), vis)
-                z = torch.gather(z, 1, pos.unsqueeze(-1).expand(-1, -1, z.shape[-1]))  # (B or 2B, n, D)
-                n = pred.shape[1]
-                if not fast:  # the reference path
-                    noise = self._step_noise(generator, b, n, use_cfg, device, dtype) if per_sample else None
-                    new = self.diffloss.sample(z.reshape(-1, z.shape[-1]), temperature=temperature, cfg=scales[k],
-                                               generator=None if per_sample else generator, noise=noise,
-                                               clip_denoised=clip_denoised)
-                else:
-                    steps = step_counts[k] if step_counts is not None else None
-                    drawn = 0 if sampler == "ddim" and eta == 0.0 else steps  # deterministic DDIM draws x_T only
-                    noise = self._step_noise(generator, b, n, use_cfg, device, dtype, drawn) if per_sample else None
-                    new = self.diffloss.sample(z.reshape(-1, z.shape[-1]).to(dtype), temperature=temperature,
-                                               cfg=scales[k], generator=None if per_sample else generator,
-                                               noise=noise, sampler=sampler, eta=eta, num_steps=steps,
-                                               autocast_dtype=autocast_dtype, clip_denoised=clip_denoised)
-                tokens = tokens.scatter(1, pred.unsqueeze(-1).expand(-1, -1, C), new.reshape(b, n, C).to(dtype))
-                masked_now = m_next
+        keywords = dict(sampler=sampler, eta=eta, diffusion_steps_schedule=diffusion_steps_schedule,
+                        diffusion_steps_shape=diffusion_steps_shape, precision=precision_of(autocast_dtype),
+                        clip_denoised=clip_denoised)
+        if options is None:
+            options = SamplingOptions(**keywords)
+        elif SamplingOptions(**keywords) != SamplingOptions():
+            raise ValueError("pass the sampler settings either as options or as keywords, not both")
+        tokens = masked(self, batch_size, labels=labels, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
+                        temperature=temperature, generator=generator, options=options, progress=progress)
         return self.unpatchify(tokens)
-
-    @staticmethod
-    def _diffusion_step_counts(schedule: tuple[int, int] | None, shape: str, num_iter: int) -> list[int] | None:
-        """Diffusion steps per MAR iteration for the annealed fast path; None = the fixed num_sampling_steps."""
-        if schedule is None:
-            return None
-        if not (isinstance(schedule, (tuple, list)) and len(schedule) == 2
-                and all(isinstance(v, int) and not isinstance(v, bool) and 2 <= v <= NUM_TRAIN_TIMESTEPS
-                        for v in schedule)):
-            raise ValueError(f"diffusion_steps_schedule must be (start, end), two ints in [2, {NUM_TRAIN_TIMESTEPS}] "
-                             f"(e.g. (100, 25)), or None, got {schedule!r}")
-        return annealed_step_counts(schedule[0], schedule[1], num_iter, shape)
-
-    def _step_noise(self, generators, b: int, n: int, use_cfg: bool, device, dtype, steps: int | None = None):
-        """All diffusion noise of one generation step, drawn sample by sample from its own generator.
-
-        Returns (x_T (B*n, C), per-step noise (S, rows, C)) in the row layout of ``DiffLoss.sample``:
-        with CFG, x_T is shared by the two halves and the rows are [cond (B*n); uncond (B*n)].
-        ``steps`` S defaults to ``num_sampling_steps``; S = 0 (deterministic DDIM) returns (x_T, None).
-        """
-        steps = self.diffloss.num_sampling_steps if steps is None else steps
-        C = self.token_embed_dim
-        halves = 2 if use_cfg else 1
-        draws = [orders.randn((1 + steps * halves, n, C), g, device, dtype) for g in generators]
-        x_t = torch.cat([d[0] for d in draws])  # (B*n, C)
-        if steps == 0:
-            return x_t, None
-        per_step = torch.stack([d[1:].reshape(steps, halves, n, C) for d in draws], dim=2)  # (S, halves, B, n, C)
-        return x_t, per_step.reshape(steps, halves * b * n, C)
 
 
 def compile_for_sampling(model: MAR, **compile_kwargs) -> MAR:
-    """Opt-in speed-up: ``torch.compile`` every transformer block and the Diffusion-Loss MLP, in place.
+    """Opt-in speed-up: ``torch.compile`` every transformer block and the head's MLP, in place.
 
     Uses ``nn.Module.compile``, so parameter names and ``state_dict`` keys do not change. The first
     generation pays the compilation (about 46 s on one CPU core for the fmnist model: the encoder sees a
@@ -318,5 +264,5 @@ def compile_for_sampling(model: MAR, **compile_kwargs) -> MAR:
     compile_kwargs.setdefault("dynamic", True)
     for block in (*model.encoder_blocks, *model.decoder_blocks):
         block.compile(**compile_kwargs)
-    model.diffloss.net.compile(**compile_kwargs)
+    model.head.net.compile(**compile_kwargs)
     return model

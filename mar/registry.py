@@ -1,7 +1,9 @@
-"""MAR presets by name, and loading published or project checkpoints into them.
+"""Generator presets by name, and loading published or project checkpoints into them.
 
-A preset pins only sizes (width, depths, heads, Diffusion-Loss MLP); everything else (image size,
-tokenizer stride, number of classes, dropout...) comes from the caller's config.
+A preset pins only sizes (width, depths, heads, the head's MLP); everything else (image size, tokenizer
+stride, number of classes, dropout...) comes from the caller's config. ``create_model`` composes the parts:
+the generator (``mar.model.MAR``) with its head spec (``mar.heads.DiffusionHeadSpec`` from the
+``diffloss_*``, ``num_sampling_steps`` and ``diffusion_batch_mul`` keywords).
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from mar.heads import DiffusionHeadSpec
 from mar.model import MAR
 
 # name: (width D, encoder depth, decoder depth, heads, DiffLoss depth, DiffLoss width)
@@ -47,7 +50,11 @@ def create_model(name: str, **kwargs) -> MAR:
     """
     args = preset_kwargs(name)
     args.update({k: v for k, v in kwargs.items() if v is not None})
-    return MAR(**args)
+    head = DiffusionHeadSpec(depth=args.pop("diffloss_depth"), width=args.pop("diffloss_width"),
+                             num_sampling_steps=args.pop("num_sampling_steps", "100"),
+                             batch_mul=args.pop("diffusion_batch_mul", 4),
+                             grad_checkpointing=args.get("grad_checkpointing", False))
+    return MAR(head=head, **args)
 
 
 def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:

@@ -112,8 +112,8 @@ def test_every_token_predicted_exactly_once(num_iter):
     model = tiny(img_size=16, vae_stride=1).eval()
     calls = []
 
-    def record(z, temperature=1.0, cfg=1.0, generator=None, noise=None, clip_denoised=None):
-        assert clip_denoised is None  # the default path asks for no guard
+    def record(z, *, temperature, cfg, generator, options, num_steps=None):  # the Head interface's sample
+        assert options.clip_denoised is None and num_steps is None  # the default path: no guard, fixed steps
         calls.append((z.shape[0], cfg))
         step = len(calls)
         return torch.full((z.shape[0] // 2, model.token_embed_dim), float(step))

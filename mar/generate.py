@@ -1,0 +1,134 @@
+"""Generation loops, as functions outside the model: masked generation (MAR paper, Sec. 3.3) with known tokens.
+
+Glossary: B batch, L tokens per image, C token channels (the head's token shape), D condition width,
+U tokens to generate in a row (L, or the row's unknown count when editing), K generation steps, n tokens
+predicted at a step.
+
+``masked`` is the MAR sampling loop of the reference, parameterised by an order policy and by known tokens:
+
+1. each row gets an order (``mar.orders``: random, or raster) with its known positions moved to the back
+   (``known_first``), so they are visible from the first step and never predicted;
+2. the cosine schedule runs over the row's U unknown tokens (``generation_schedule(U, K)``) and so does the
+   linear CFG ramp (``cfg_scales(.., U, ..)``): an edit of 16 tokens takes K steps over those 16;
+3. at each step the generator conditions on [class buffer; visible tokens], the head samples the n tokens of
+   the step from their z, and they are written into the sequence; the known tokens are never written, so
+   they come out bit for bit as they went in.
+
+Rows with different unknown counts follow different schedules; the loop runs each group of rows with the same
+count as one batch (one group when every row has the same mask). With one generator per row (a list) every
+row's draws come only from its own generator, so a row comes out the same in any batch.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from diffloss.loss import autocast_region
+from mar.config.schema import SamplingOptions
+from mar.orders import known_first, make_orders
+from mar.schedules import cfg_scales, check_guidance, generation_schedule
+
+Generators = "torch.Generator | Sequence[torch.Generator] | None"
+
+
+def _select(generator, rows: list[int]):
+    return [generator[r] for r in rows] if isinstance(generator, (list, tuple)) else generator
+
+
+@torch.no_grad()
+def masked(model, batch_size: int, *, labels: Tensor | None = None, num_iter: int = 64, cfg: float = 1.0,
+           cfg_schedule: str = "linear", temperature: float = 1.0, generator=None,
+           options: SamplingOptions | None = None, known_tokens: Tensor | None = None,
+           known_mask: Tensor | None = None, order: str = "random", progress: bool = False) -> Tensor:
+    """Generate token sequences (B, L, *token_shape) with a masked generator (``mar.model.MAR``).
+
+    ``labels`` (B,) class labels, or None for unconditional generation (the fake class vector). ``cfg`` >= 0
+    (1 = no guidance) with a ``linear`` or ``constant`` schedule; ``temperature`` > 0 scales the head's noise.
+    ``generator``: one ``torch.Generator`` for the batch, or a list of B (row b then depends only on its own).
+    ``options``: the head's sampler settings (``SamplingOptions()``, the default, is the reference sampler).
+
+    Editing: ``known_tokens`` (B, L, *token_shape) and ``known_mask`` (B, L) bool (True = known). Known
+    tokens are kept exactly, the encoder sees them from the first step, the schedules count from each row's
+    unknown count U, and rows may differ in U; K is capped at U (a row with U = 0 is returned as given).
+    Draws, per row or from the one generator: the order keys (B, L) first, then the head's at each step.
+    """
+    options = SamplingOptions() if options is None else options
+    check_guidance(cfg, temperature)
+    head = model.head
+    device, dtype = model.fake_latent.device, model.fake_latent.dtype
+    b, L = batch_size, model.seq_len
+    if isinstance(generator, (list, tuple)) and len(generator) != b:
+        raise ValueError(f"got {len(generator)} generators for a batch of {b}: pass one per sample")
+    class_embedding = model.embed_labels(labels, b)  # (B, D)
+    tokens = torch.zeros(b, L, *head.token_shape, device=device, dtype=head.token_dtype if head.kind == "discrete"
+                         else dtype)
+    if known_mask is None:
+        known_mask = torch.zeros(b, L, dtype=torch.bool, device=device)
+    else:
+        known_mask, tokens = _check_known(known_tokens, known_mask, tokens)
+    orders = known_first(make_orders(order, b, L, generator, device), known_mask)
+    unknown = (~known_mask).sum(1).tolist()
+    groups: dict[int, list[int]] = defaultdict(list)
+    for row, u in enumerate(unknown):
+        groups[u].append(row)
+    with autocast_region(model, device.type, options.autocast_dtype):  # no-op on the exact path
+        for u, rows in groups.items():
+            if u == 0:
+                continue
+            idx = torch.tensor(rows, device=device)
+            tokens[idx] = _masked_rows(model, tokens[idx], orders[idx], class_embedding[idx], u, min(num_iter, u),
+                                       cfg, cfg_schedule, temperature, _select(generator, rows), options, progress)
+    return tokens
+
+
+def _check_known(known_tokens: Tensor | None, known_mask: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """(known mask, the sequence with the known tokens written in) after shape checks."""
+    if known_tokens is None:
+        raise ValueError("known_mask needs known_tokens (the tokens of the known positions)")
+    if known_mask.shape != tokens.shape[:2] or known_mask.dtype != torch.bool:
+        raise ValueError(f"known_mask must be bool of shape {tuple(tokens.shape[:2])} (B, L), got "
+                         f"{known_mask.dtype} {tuple(known_mask.shape)}")
+    if known_tokens.shape != tokens.shape:
+        raise ValueError(f"known_tokens must have shape {tuple(tokens.shape)} (B, L, *token_shape), got "
+                         f"{tuple(known_tokens.shape)}")
+    known_mask = known_mask.to(tokens.device)
+    keep = known_mask.view(*known_mask.shape, *([1] * (tokens.dim() - 2)))
+    return known_mask, torch.where(keep, known_tokens.to(tokens.device, tokens.dtype), tokens)
+
+
+def _masked_rows(model, tokens: Tensor, orders: Tensor, class_embedding: Tensor, num_unknown: int, num_iter: int,
+                 cfg: float, cfg_schedule: str, temperature: float, generator, options: SamplingOptions,
+                 progress: bool) -> Tensor:
+    """The loop for rows that share one unknown count U: tokens (b, L, ...) -> (b, L, ...)."""
+    head = model.head
+    b = tokens.shape[0]
+    trailing = tokens.shape[2:]
+    masked_after = generation_schedule(num_unknown, num_iter)
+    scales = cfg_scales(cfg, cfg_schedule, num_unknown, masked_after)
+    steps = options.steps_per_iteration(num_iter)
+    use_cfg = cfg != 1.0
+    if use_cfg:  # one batched forward for [cond; uncond]
+        class_embedding = torch.cat([class_embedding, model.embed_labels(None, b)])
+    masked_now = num_unknown
+    for k in tqdm(range(num_iter), disable=not progress, desc="MAR steps", leave=False):
+        m_next = masked_after[k]
+        if m_next == masked_now:  # the clamp left nothing to predict at this step
+            continue
+        visible = orders[:, masked_now:].sort(dim=-1).values
+        pred = orders[:, m_next:masked_now].sort(dim=-1).values  # (b, n) positions predicted now
+        x, vis, pos = tokens, visible, pred
+        if use_cfg:
+            x, vis, pos = torch.cat([x, x]), torch.cat([vis, vis]), torch.cat([pred, pred])
+        z = model.conditions(x, vis, class_embedding)  # (b or 2b, L, D)
+        z = torch.gather(z, 1, pos.unsqueeze(-1).expand(-1, -1, z.shape[-1]))  # (b or 2b, n, D)
+        n = pred.shape[1]
+        new = head.sample(z.reshape(-1, z.shape[-1]).to(model.fake_latent.dtype), temperature=temperature,
+                          cfg=scales[k], generator=generator, options=options, num_steps=steps[k])
+        index = pred.view(b, n, *([1] * len(trailing))).expand(b, n, *trailing)
+        tokens = tokens.scatter(1, index, new.reshape(b, n, *trailing).to(tokens.dtype))
+        masked_now = m_next
+    return tokens

@@ -21,7 +21,6 @@ row's draws come only from its own generator, so a row comes out the same in any
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -32,7 +31,6 @@ from mar.config.schema import SamplingOptions
 from mar.orders import known_first, make_orders
 from mar.schedules import cfg_scales, check_guidance, generation_schedule
 
-Generators = "torch.Generator | Sequence[torch.Generator] | None"
 
 
 def _select(generator, rows: list[int]):

@@ -32,6 +32,8 @@ from mar.config.schema import SamplingOptions, precision_of
 from mar.generate import masked
 from mar.heads import DiffusionHeadSpec, HeadSpec
 
+MAR_B_HEAD = DiffusionHeadSpec(depth=6, width=1024)  # the published MAR-B Diffusion Loss head
+
 
 class MAR(nn.Module):
     def __init__(
@@ -53,7 +55,7 @@ class MAR(nn.Module):
         attn_dropout: float = 0.1,
         proj_dropout: float = 0.1,
         mask_ratio_min: float = 0.7,
-        head: HeadSpec = DiffusionHeadSpec(depth=6, width=1024),
+        head: HeadSpec = MAR_B_HEAD,
         grad_checkpointing: bool = False,
         generator: torch.Generator | None = None,
     ):

@@ -108,6 +108,23 @@ def test_image_folder_errors(tmp_path):
         assert str(e.value).startswith(f"cannot read image {tmp_path / 'cls' / name}: ")
 
 
+def test_image_folder_refuses_class_folders_without_images(tmp_path):
+    arrays = make_folder(tmp_path)  # apple/, zebra/ with images
+    for empty in ("mango/nested", "kiwi"):  # labels that would never appear
+        (tmp_path / empty).mkdir(parents=True)
+    (tmp_path / "kiwi" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError) as e:
+        ImageFolderDataset(tmp_path, image_size=8)
+    assert str(e.value) == (f"class folder(s) with no images (.jpg, .jpeg, .png, .bmp, .webp, .ppm, .pgm, .tif, .tiff) "
+                            f"in {tmp_path}: kiwi, mango; add images to them or remove them (every sub-folder of "
+                            "the root whose name does not start with '.' is a class)")
+    Image.fromarray(arrays["apple/d.bmp"]).save(tmp_path / "mango" / "nested" / "m.png")  # nested images count
+    (tmp_path / "kiwi" / "notes.txt").unlink()
+    (tmp_path / "kiwi").rmdir()
+    ds = ImageFolderDataset(tmp_path, image_size=8)
+    assert ds.classes == ["apple", "mango", "zebra"] and sorted({y for _, y in ds.samples}) == [0, 1, 2]
+
+
 def test_flips_reproducible_from_seed_epoch_index():
     coins = [hflip_coin(7, 3, i) for i in range(1000)]
     assert coins == [hflip_coin(7, 3, i) for i in range(1000)]
@@ -129,7 +146,7 @@ def test_epoch_order_and_sampler():
         assert len(s) == 16 and shards[-1] == p[:48][rank::3].tolist()
         s.set_epoch(2, start=5)
         assert list(s) == shards[-1][5:] and len(s) == 11
-    assert sorted(sum(shards, [])) == sorted(p[:48].tolist())
+    assert sorted(i for shard in shards for i in shard) == sorted(p[:48].tolist())
 
 
 def write_idx(path: Path, arr: np.ndarray, magic: int | None = None, gz: bool = False, cut: int = 0) -> Path:
@@ -177,7 +194,7 @@ def test_read_idx_fixture():
 def test_fashion_mnist_dataset():
     ds = FashionMNISTDataset(FIXTURE, split="train", pad_to=32, hflip=True, seed=1)
     raw = read_idx(FIXTURE / "train-images-idx3-ubyte.gz")
-    assert len(ds) == 200 and len(FashionMNISTDataset(FIXTURE, split="test")) == 100
+    assert len(ds) == 200 and len(FashionMNISTDataset(FIXTURE, split="test")) == 200
     for i in range(20):
         x, y = ds[i]
         assert x.shape == (1, 32, 32) and x.dtype == torch.float32 and CLASS_NAMES[y] == CLASS_NAMES[ds.labels[i]]

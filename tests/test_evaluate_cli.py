@@ -10,6 +10,7 @@ import os
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,8 @@ import torch
 import evaluate
 from helpers import synthetic_classes, write_pngs
 from mar.eval.classifier import ClassifierConfig, FashionClassifier, read_classifier_metadata, save_classifier
-from mar.eval.metrics import INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE, load_statistics, score_folder
+from mar.eval.files import load_statistics
+from mar.eval.metrics import INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE, score_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,7 +65,7 @@ def test_score_against_reference_folder_writes_json(setup, capsys):
     rc = evaluate.main(["score", "--gen", setup["C"], "--ref", setup["D"], "--metrics", "fid,kid", "--out", out,
                         *fm_args(setup)])
     assert rc == 0
-    result = json.load(open(out))
+    result = json.loads(Path(out).read_text())
     assert json.loads(capsys.readouterr().out) == result
     assert set(result["metrics"]) == {"fd_fmnist", "kd_fmnist_mean", "kd_fmnist_std", "class_accuracy"}
     direct = score_folder(setup["C"], ref=setup["D"], metrics="fid,kid", features="fmnist",
@@ -79,7 +81,7 @@ def test_ref_stats_then_score_against_them(setup, capsys):
     assert summary["num_images"] == "12" and summary["dim"] == 256 and summary["format"] == "safetensors"
     out = str(setup["root"] / "score_stats.json")
     assert evaluate.main(["score", "--gen", setup["C"], "--ref-stats", stats, "--out", out, *fm_args(setup)]) == 0
-    result = json.load(open(out))
+    result = json.loads(Path(out).read_text())
     assert set(result["metrics"]) == {"fd_fmnist", "is_fmnist_mean", "is_fmnist_std", "class_accuracy"}
     folder_vs_folder = score_folder(setup["C"], ref=setup["D"], metrics="fid", features="fmnist",
                                     classifier=setup["clf"], cuda=False)
@@ -150,6 +152,32 @@ def test_user_errors_are_one_line_with_exit_status_2(setup, capsys, monkeypatch,
 def test_subprocess_exit_status_and_single_line(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "evaluate.py", "score", "--gen", str(tmp_path / "nope"), "--ref",
-                           str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                           str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_kid_subset_size_below_2_exits_2_before_any_work(setup, capsys, tmp_path):
+    out = tmp_path / "score.json"
+    for metrics in (["--metrics", "kid"], []):  # asked for, or among the defaults with --ref
+        err = one_line_error(capsys, ["score", "--gen", setup["C"], "--ref", setup["D"], *metrics,
+                                      "--kid-subset-size", "1", "--out", str(out), *fm_args(setup)])
+        assert err == ("evaluate.py: error: kid_subset_size (--kid-subset-size) is 1, but KID needs subsets of at "
+                       "least 2 images (its unbiased estimate divides by m(m-1)): pass --kid-subset-size 2 or more "
+                       "(default 1000; it is capped at the number of images per set)\n")
+    assert not out.exists() and capsys.readouterr().out == ""
+
+
+def test_truncated_png_is_named_in_the_one_line_error(setup, capsys, tmp_path):
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    for name in sorted(os.listdir(setup["C"])):
+        (gen / name).write_bytes((Path(setup["C"]) / name).read_bytes())
+    cut = gen / sorted(os.listdir(gen))[5]
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    err = one_line_error(capsys, ["score", "--gen", str(gen), "--ref", setup["D"], "--metrics", "fid",
+                                  *fm_args(setup)])
+    assert err == f"evaluate.py: error: cannot read image {cut}: OSError: image file is truncated; delete or " \
+                  "replace the file\n"

@@ -1,4 +1,5 @@
-"""mar.eval.metrics (torch-fidelity wrappers, statistics files) and mar.eval.classifier (Fashion-MNIST features).
+"""mar.eval.metrics (torch-fidelity wrappers), mar.eval.files (image sources, statistics files) and
+mar.eval.classifier (Fashion-MNIST features).
 
 No Inception weights exist offline: the tests build a random-weights file whose BatchNorm running
 statistics are calibrated on random images (otherwise features collapse), once per session. Inception
@@ -23,10 +24,10 @@ from helpers import synthetic_classes, write_pngs
 from mar.eval.classifier import (EXTRACTOR_NAME, ClassifierConfig, FashionClassifier, class_accuracy, cosine_lr,
                             load_classifier, predict_logits, read_classifier_metadata, register_fmnist_extractor,
                             save_classifier, to_network_input, train_classifier)
-from mar.eval.metrics import (INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE, INCEPTION_WEIGHTS_URL, ImageFiles,
-                         compute_reference_stats, feature_space, file_sha256, folder_class_accuracy,
-                         load_statistics, read_adm_npz, resolve_inception_weights, save_statistics,
-                         score_against_stats, score_folder, score_folders, write_adm_npz)
+from mar.eval.files import ImageFiles, load_statistics, read_adm_npz, save_statistics, write_adm_npz
+from mar.eval.metrics import (INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE, INCEPTION_WEIGHTS_URL,
+                              compute_reference_stats, feature_space, file_sha256, folder_class_accuracy,
+                              resolve_inception_weights, score_against_stats, score_folder, score_folders)
 
 N_INCEPTION = 8  # images per folder seen by Inception
 
@@ -276,7 +277,7 @@ def test_fd_fmnist_equals_closed_form(folders, classifier):
 # --- statistics files ---------------------------------------------------------------------------------------------
 def test_npz_and_our_statistics_give_the_same_fd(folders, classifier, tmp_path):
     path = classifier[0]
-    kw = dict(features="fmnist", classifier=path, cuda=False)
+    kw = {"features": "fmnist", "classifier": path, "cuda": False}
     npz, ours = str(tmp_path / "d.npz"), str(tmp_path / "d.safetensors")
     compute_reference_stats(folders["D"], npz, **kw)
     compute_reference_stats(folders["D"], ours, format="ours", **kw)
@@ -321,8 +322,8 @@ def test_adm_npz_roundtrip_and_reference_layout(tmp_path):
 
 
 def test_mismatched_statistics_are_refused(folders, classifier, inception_weights, tmp_path):
-    path, model, _ = classifier
-    kw = dict(features="fmnist", classifier=path, cuda=False)
+    path = classifier[0]
+    kw = {"features": "fmnist", "classifier": path, "cuda": False}
     ours = str(tmp_path / "d.safetensors")
     compute_reference_stats(folders["D"], ours, **kw)
     with pytest.raises(ValueError, match="computed with mar-fmnist-classifier features, not inception-v3-compat"):
@@ -372,10 +373,6 @@ def test_image_folder_reading_and_errors(tmp_path, folders):
 
 def test_sample_folder_ignores_grid_and_other_pictures(tmp_path):
     """sample.py writes grid.png beside the {index}_c{class}.png samples: only the samples are scored."""
-    from PIL import Image
-
-    from mar.eval.metrics import ImageFiles
-
     for i in range(3):
         Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / f"{i:06d}_c{i % 2:03d}.png")
     Image.fromarray(np.zeros((20, 50, 3), np.uint8)).save(tmp_path / "grid.png")
@@ -383,3 +380,102 @@ def test_sample_folder_ignores_grid_and_other_pictures(tmp_path):
     assert [os.path.basename(p) for p in files.paths] == ["000000_c000.png", "000001_c001.png", "000002_c000.png"]
     assert files.labels() == [0, 1, 0]
     assert int(files[2].float().mean()) == 80
+
+
+def truncated_png(path, seed: int = 0) -> None:
+    """A real 32x32 noise PNG cut to half its bytes: the header (size) reads, the pixel data is short."""
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32), dtype=np.uint8)).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_truncated_or_garbled_image_is_reported_with_its_file_name(tmp_path, classifier):
+    folder = tmp_path / "gen"
+    write_pngs(folder, np.random.default_rng(1).integers(0, 256, (5, 32, 32), dtype=np.uint8))
+    cut = folder / "000003.png"
+    truncated_png(cut)
+    files = ImageFiles(str(folder))  # the header pass reads the size of the cut file
+    assert files[2].shape == (3, 32, 32)
+    with pytest.raises(ValueError) as e:
+        files[3]
+    assert str(e.value) == f"cannot read image {cut}: OSError: image file is truncated; delete or replace the file"
+    with pytest.raises(ValueError) as e:  # the same through torch-fidelity's reading
+        score_folders(str(folder), str(folder), metrics="fid", features="fmnist", classifier=classifier[0], cuda=False)
+    assert str(e.value) == f"cannot read image {cut}: OSError: image file is truncated; delete or replace the file"
+    garbled = folder / "000004.png"
+    garbled.write_bytes(b"not a PNG at all")
+    with pytest.raises(ValueError) as e:  # the header pass in __init__
+        ImageFiles(str(folder))
+    assert str(e.value) == (f"cannot read image {garbled}: UnidentifiedImageError: cannot identify image file "
+                            f"'{garbled}'; delete or replace the file")
+
+
+KID_MESSAGE = ("kid_subset_size (--kid-subset-size) is {}, but KID needs subsets of at least 2 images (its unbiased "
+               "estimate divides by m(m-1)): pass --kid-subset-size 2 or more (default 1000; it is capped at the "
+               "number of images per set)")
+
+
+def test_kid_subset_size_below_2_is_refused_before_extraction(folders, classifier, monkeypatch):
+    import mar.eval.metrics as metrics_module
+
+    kw = {"features": "fmnist", "classifier": classifier[0], "cuda": False}
+    small = score_folders(folders["C"], folders["D"], metrics="kid", kid_subset_size=2, **kw)
+    assert small["meta"]["kid_subset_size"] == 2 and np.isfinite(small["metrics"]["kd_fmnist_mean"])
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("features were extracted")
+
+    monkeypatch.setattr(metrics_module, "extract_features", no_extraction)
+    for bad in (1, 0, -3):
+        with pytest.raises(ValueError) as e:
+            score_folders(folders["C"], folders["D"], metrics="fid,kid", kid_subset_size=bad, **kw)
+        assert str(e.value) == KID_MESSAGE.format(bad)
+    with pytest.raises(ValueError) as e:  # checked before the images or the weights are even looked at
+        score_folder("missing-folder", ref="missing-too", metrics="kid", kid_subset_size=1, features="fmnist",
+                     classifier="missing.safetensors")
+    assert str(e.value) == KID_MESSAGE.format(1)
+
+
+def fail_halfway(path_arg: int = 0):
+    """A writer that leaves half a file at its target (argument ``path_arg``), then fails like a full disk."""
+    def write(*args, **kwargs):
+        target = args[path_arg]
+        if hasattr(target, "write"):
+            target.write(b"PK\x03\x04 half")
+        else:
+            with open(target, "wb") as f:
+                f.write(b"half")
+        raise OSError(28, "No space left on device")
+    return write
+
+
+def test_statistics_and_classifier_files_are_written_atomically(tmp_path, monkeypatch):
+    import mar.eval.classifier as classifier_module
+    import mar.eval.files as files_module
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 3))
+    old = files_module.FIDStatistics(x.mean(0), np.cov(x, rowvar=False), {"num_images": "6"})
+    new = files_module.FIDStatistics(np.zeros(3), np.eye(3), {"num_images": "9"})
+    for name in ("s.npz", "s.safetensors"):
+        save_statistics(old, str(tmp_path / name))
+    model_path = tmp_path / "clf.safetensors"
+    save_classifier(FashionClassifier(ClassifierConfig(widths=(4, 8))), str(model_path), test_accuracy=0.25)
+    assert sorted(os.listdir(tmp_path)) == ["clf.safetensors", "s.npz", "s.safetensors"]  # no temporaries
+    before = {p: p.read_bytes() for p in tmp_path.iterdir()}
+
+    monkeypatch.setattr(np, "savez", fail_halfway(0))  # savez(file object, **arrays)
+    monkeypatch.setattr(files_module, "save_numpy_safetensors", fail_halfway(1))  # save_file(arrays, path, ...)
+    monkeypatch.setattr(classifier_module, "save_file", fail_halfway(1))
+    for name in ("s.npz", "s.safetensors"):
+        with pytest.raises(OSError, match="No space left"):
+            save_statistics(new, str(tmp_path / name))
+    with pytest.raises(OSError, match="No space left"):
+        save_classifier(FashionClassifier(ClassifierConfig(widths=(4, 8))), str(model_path), test_accuracy=0.5)
+    with pytest.raises(OSError, match="No space left"):
+        write_adm_npz(np.zeros((1, 2, 2, 3), np.uint8), str(tmp_path / "samples.npz"))
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before  # old files intact, nothing else left
+    for name in ("s.npz", "s.safetensors"):
+        assert load_statistics(str(tmp_path / name)).meta.get("num_images", "6") == "6"
+        np.testing.assert_array_equal(load_statistics(str(tmp_path / name)).mu, old.mu)
+    assert read_classifier_metadata(str(model_path))["test_accuracy"] == 0.25

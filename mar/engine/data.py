@@ -114,7 +114,7 @@ def to_tensor(pil_image: Image.Image) -> torch.Tensor:
 
 
 class ImageFolderDataset(_SeededFlips):
-    """``root/<class>/**/<image>`` (ImageNet layout); classes sorted by name -> label 0..K-1.
+    """``root/<class>/**/<image>`` (ImageNet layout); classes sorted by name -> label 0..K-1, each with images.
 
     Item: (image (3, S, S) in [-1, 1], label), flipped when ``hflip_coin(seed, epoch, index)``; with
     return_pair=True: (image, flipped image, label) and no random flip (for caching latents).
@@ -137,6 +137,12 @@ class ImageFolderDataset(_SeededFlips):
                                  if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
         if not self.samples:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {root}")
+        found = {label for _, label in self.samples}
+        empty = [name for label, name in enumerate(self.classes) if label not in found]
+        if empty:  # its label would exist but never appear in the data
+            raise ValueError(f"class folder(s) with no images ({', '.join(IMAGE_EXTENSIONS)}) in {root}: "
+                             f"{', '.join(empty)}; add images to them or remove them (every sub-folder of the "
+                             "root whose name does not start with '.' is a class)")
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.root, self.image_size, self.hflip, self.seed, self.return_pair = root, image_size, hflip, seed, return_pair
 

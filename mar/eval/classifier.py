@@ -24,14 +24,15 @@ import os
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from mar.engine.data import FashionMNISTDataset
+from mar.io import atomic_write
 
 FILE_FORMAT = "mar-fmnist-classifier"  # safetensors metadata "format" of a classifier file
 EXTRACTOR_NAME = "mar-fmnist-classifier"  # name registered in torch-fidelity's feature-extractor registry
@@ -163,12 +164,12 @@ def class_accuracy(classifier: FashionClassifier, images: torch.Tensor, labels: 
 
 
 def save_classifier(model: FashionClassifier, path: str, **info) -> None:
-    """Write the state dict as safetensors; metadata holds the format tag, the config and ``info``."""
+    """Write the state dict as safetensors, atomically (``mar.io.atomic_write``: an old file survives a failed
+    write); metadata holds the format tag, the config and ``info``."""
     meta = {"format": FILE_FORMAT, "config": json.dumps(asdict(model.config))}
     meta.update({k: json.dumps(v) for k, v in info.items()})
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(state, path, metadata=meta)
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
 
 def read_classifier_metadata(path: str) -> dict:

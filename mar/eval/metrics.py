@@ -8,13 +8,12 @@ the local weights and the names:
   else ``$MAR_INCEPTION_WEIGHTS``, else ``~/.cache/mar/<file>``, else torch hub's checkpoint folder.
 - Features are extracted once per image set and shared by all metrics. FID against stored statistics
   uses ``fid_statistics_to_metric`` (torch-fidelity 0.4 has no statistics-file argument).
-- Statistics files: ADM ``.npz`` (``mu``, ``sigma`` float64; the format of the published MAR/ADM
-  reference batches, whose other keys such as ``arr_0`` are not read) or ours, ``.safetensors`` with
-  ``mu``/``sigma`` float64 and metadata (feature extractor, layer, weights hash, image count).
+- Settings are checked before any features are extracted (``kid_subset_size`` at least 2, for instance).
 - With ``features="fmnist"`` the same machinery runs on the project's Fashion-MNIST classifier
   (``mar.eval.classifier``) and the results are named ``fd_fmnist``, ``is_fmnist``, ``kd_fmnist``, ... never FID.
 
-Images are read with PIL (grey/paletted images converted to RGB); torchvision's image I/O is not used.
+Image sources (folders, ADM npz, arrays) and statistics files (ADM ``.npz``, ours ``.safetensors``) are
+read and written by ``mar.eval.files``.
 """
 
 from __future__ import annotations
@@ -22,14 +21,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file as save_numpy_safetensors
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_featuresdict_to_statistics, fid_statistics_to_metric
@@ -38,17 +33,14 @@ from torch_fidelity.metric_kid import kid_featuresdict_to_metric
 from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id
 
-from mar.eval.classifier import (FeatureExtractorFMNIST, class_accuracy, fashion_mnist_uint8, load_classifier,
-                            register_fmnist_extractor)
+from mar.eval.classifier import FeatureExtractorFMNIST, class_accuracy, load_classifier, register_fmnist_extractor
+from mar.eval.files import FIDStatistics, ImageFiles, load_statistics, open_images, save_statistics, stats_format
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
 INCEPTION_WEIGHTS_ENV = "MAR_INCEPTION_WEIGHTS"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
-STATS_FORMAT = "mar-fid-stats"  # safetensors metadata "format" of our statistics files
 ALL_METRICS = ("fid", "isc", "kid", "prc")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-LABELLED_NAME = re.compile(r"^\d+_c(\d+)\.png$")  # sample.py's "{index:06d}_c{class:03d}.png"
 
 # torch-fidelity result key -> our output name, per feature space
 _NAMES = {
@@ -102,7 +94,7 @@ def check_inception_weights(path: str) -> None:
     """Open the file safely (weights_only) and check it is a state dict of torch-fidelity's InceptionV3."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in several types
+    except Exception as e:  # noqa: BLE001 -- unpickling errors come in several types
         raise ValueError(f"{path} is not a PyTorch state dict ({type(e).__name__}); expected "
                          f"{INCEPTION_WEIGHTS_FILE} from {INCEPTION_WEIGHTS_URL}") from None
     fc = state.get("fc.weight") if isinstance(state, dict) else None
@@ -160,157 +152,6 @@ def feature_space(features: str = "inception", inception_weights: str | None = N
     raise ValueError(f"unknown features {features!r}: choose 'inception' or 'fmnist'")
 
 
-# --- image sources ------------------------------------------------------------------------------------------------
-class ImageFiles(Dataset):
-    """The image files of one folder, sorted by name -> items uint8 (3, H, W) (PIL, converted to RGB)."""
-
-    def __init__(self, folder: str):
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"image folder {folder} not found")
-        names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
-        samples = [f for f in names if LABELLED_NAME.match(f)]
-        if samples:  # a sample.py folder: only its samples (not grid.png or other pictures beside them)
-            names = samples
-        if not names:
-            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-        self.paths = [os.path.join(folder, f) for f in names]
-        sizes = {}
-        for p in self.paths:  # PIL reads only the header here
-            try:
-                with Image.open(p) as im:
-                    sizes.setdefault(im.size, p)
-            except OSError as e:
-                raise ValueError(f"cannot read image {p}: {e}") from None
-        if len(sizes) > 1:
-            (s1, p1), (s2, p2) = list(sizes.items())[:2]
-            raise ValueError(f"images in {folder} differ in size: {p1} is {s1[0]}x{s1[1]}, {p2} is {s2[0]}x{s2[1]}")
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(self.paths[i]) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
-
-    def labels(self) -> list[int] | None:
-        """Class labels parsed from ``{index}_c{class}.png`` names, or None unless every file is named so."""
-        found = [LABELLED_NAME.match(os.path.basename(p)) for p in self.paths]
-        return [int(m.group(1)) for m in found] if all(found) else None
-
-
-class UInt8Images(Dataset):
-    """uint8 images (N, H, W) or (N, H, W, C) with C in {1, 3} (NHWC, as ADM's npz) -> items uint8 (3, H, W)."""
-
-    def __init__(self, images: np.ndarray | torch.Tensor):
-        images = torch.as_tensor(np.asarray(images))
-        if images.dtype != torch.uint8 or images.dim() not in (3, 4) or (images.dim() == 4 and images.shape[-1]
-                                                                          not in (1, 3)):
-            raise ValueError(f"expected uint8 images (N, H, W[, 1|3]), got {images.dtype} {tuple(images.shape)}")
-        self.images = images if images.dim() == 4 else images[..., None]
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.images[i].permute(2, 0, 1).expand(3, -1, -1).contiguous()
-
-
-def open_images(source, fmnist_root: str | None = None) -> Dataset:
-    """A folder, an ADM ``.npz`` (``arr_0`` NHWC uint8), "fashion_mnist:train|test", a uint8 array, or a
-    Dataset of uint8 (3, H, W) tensors -> a Dataset torch-fidelity can read."""
-    if isinstance(source, Dataset):
-        return source
-    if isinstance(source, (np.ndarray, torch.Tensor)):
-        return UInt8Images(source)
-    source = os.fspath(source)
-    if source.startswith("fashion_mnist:"):
-        return UInt8Images(fashion_mnist_uint8(source.split(":", 1)[1], fmnist_root)[0])  # (N, 32, 32)
-    if source.endswith(".npz") and not os.path.isdir(source):
-        return UInt8Images(read_adm_npz(source))
-    return ImageFiles(source)
-
-
-# --- ADM npz and statistics files ---------------------------------------------------------------------------------
-def write_adm_npz(images: np.ndarray, path: str, labels: np.ndarray | None = None) -> None:
-    """Write uint8 images (N, H, W, 3) as ``arr_0`` (and labels as ``arr_1``), the ADM evaluator's layout."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"ADM npz needs uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
-    extra = {} if labels is None else {"arr_1": np.asarray(labels, dtype=np.int64)}
-    np.savez(path, arr_0=images, **extra)
-
-
-def read_adm_npz(path: str) -> np.ndarray:
-    """The uint8 images (N, H, W, 3) stored as ``arr_0`` in an ADM-style npz."""
-    with _open_npz(path) as f:
-        if "arr_0" not in f.files:
-            raise ValueError(f"{path} holds no images (arr_0); its keys are {f.files}")
-        return f["arr_0"]
-
-
-def _open_npz(path: str):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"npz file {path} not found")
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable npz file ({e})") from None
-
-
-@dataclass
-class FIDStatistics:
-    """Gaussian fit of features: mu (D,), sigma (D, D), both float64. ``meta`` (strings): feature_extractor,
-    feature_layer, weights_sha256, num_images, source -- empty for ADM files (Inception by convention)."""
-
-    mu: np.ndarray
-    sigma: np.ndarray
-    meta: dict[str, str] = field(default_factory=dict)
-
-
-def _stats_format(path: str, format: str | None) -> str:
-    by_ext = {".npz": "npz", ".safetensors": "ours"}.get(os.path.splitext(path)[1].lower())
-    if format not in (None, "npz", "ours") or by_ext is None or format not in (None, by_ext):
-        raise ValueError(f"statistics file {path} (format {format}): use the extension .npz for format 'npz' "
-                         f"(ADM: mu, sigma) or .safetensors for format 'ours' (mu, sigma and metadata)")
-    return by_ext
-
-
-def save_statistics(stats: FIDStatistics, path: str, format: str | None = None) -> None:
-    """Write ``stats`` as ADM npz (mu, sigma only) or ours (safetensors: mu, sigma float64 plus metadata)."""
-    fmt = _stats_format(path, format)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    arrays = {"mu": stats.mu.astype(np.float64), "sigma": np.ascontiguousarray(stats.sigma, dtype=np.float64)}
-    if fmt == "npz":
-        np.savez(path, **arrays)
-    else:
-        save_numpy_safetensors(arrays, path, metadata={**stats.meta, "format": STATS_FORMAT})
-
-
-def load_statistics(path: str) -> FIDStatistics:
-    """Read an ADM npz (only its ``mu``/``sigma``) or our safetensors statistics; mu and sigma as float64."""
-    if _stats_format(path, None) == "npz":
-        with _open_npz(path) as f:
-            if "mu" not in f.files or "sigma" not in f.files:
-                raise ValueError(f"{path} holds no FID statistics (mu, sigma); its keys are {f.files}")
-            mu, sigma, meta = f["mu"], f["sigma"], {}
-    else:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"statistics file {path} not found")
-        try:
-            with safe_open(path, framework="numpy") as f:
-                meta = dict(f.metadata() or {})
-                if meta.pop("format", None) != STATS_FORMAT or set(f.keys()) != {"mu", "sigma"}:
-                    raise ValueError(f"{path} is not a statistics file written by mar.eval.metrics")
-                mu, sigma = f.get_tensor("mu"), f.get_tensor("sigma")
-        except SafetensorError as e:
-            raise ValueError(f"{path} is not a safetensors statistics file ({e})") from None
-    mu, sigma = np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
-    return FIDStatistics(mu, sigma, meta)
-
-
 # --- extraction and scoring ---------------------------------------------------------------------------------------
 _GROUPS = {"fid": (KEY_METRIC_FID,), "isc": ("inception_score_mean", "inception_score_std"),
            "kid": ("kernel_inception_distance_mean", "kernel_inception_distance_std"),
@@ -329,11 +170,19 @@ def parse_metrics(metrics, allowed=ALL_METRICS) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def check_kid_subset_size(kid_subset_size: int) -> None:
+    """KID averages an unbiased MMD^2 over subsets of ``kid_subset_size`` images, which divides by m (m - 1)."""
+    if kid_subset_size < 2:
+        raise ValueError(f"kid_subset_size (--kid-subset-size) is {kid_subset_size}, but KID needs subsets of at "
+                         "least 2 images (its unbiased estimate divides by m(m-1)): pass --kid-subset-size 2 or more "
+                         "(default 1000; it is capped at the number of images per set)")
+
+
 def _fidelity_kwargs(space: FeatureSpace, batch_size: int, cuda: bool | None, verbose: bool) -> dict:
     """torch-fidelity options: local weights (never a download), no on-disk cache, no loader workers on CPU."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    return dict(cuda=cuda, batch_size=batch_size, save_cpu_ram=not cuda, verbose=verbose, cache=False,
-                feature_extractor_weights_path=space.weights, rng_seed=2020)
+    return {"cuda": cuda, "batch_size": batch_size, "save_cpu_ram": not cuda, "verbose": verbose, "cache": False,
+            "feature_extractor_weights_path": space.weights, "rng_seed": 2020}
 
 
 def extract_features(datasets: list[Dataset], space: FeatureSpace, metrics, kw: dict) -> list[dict]:
@@ -414,6 +263,8 @@ def score_folders(gen, ref, metrics=ALL_METRICS, features: str = "inception", in
     precision, recall, f_score (inception); fd_fmnist, is_fmnist_mean, ..., f_score_fmnist (fmnist).
     """
     metrics = parse_metrics(metrics)
+    if "kid" in metrics:
+        check_kid_subset_size(kid_subset_size)
     datasets = [open_images(gen, fmnist_root), open_images(ref, fmnist_root)]
     space = feature_space(features, inception_weights, classifier)
     kw = _fidelity_kwargs(space, batch_size, cuda, verbose)
@@ -443,7 +294,7 @@ def compute_reference_stats(source, out_path: str, format: str | None = None, fe
                             batch_size: int = 64, cuda: bool | None = None, verbose: bool = False,
                             fmnist_root: str | None = None) -> FIDStatistics:
     """Statistics of ``source`` (as in ``score_folders``), written to ``out_path``: .npz (ADM) or .safetensors."""
-    _stats_format(out_path, format)
+    stats_format(out_path, format)
     dataset = open_images(source, fmnist_root)
     space = feature_space(features, inception_weights, classifier)
     kw = _fidelity_kwargs(space, batch_size, cuda, verbose)
@@ -480,8 +331,8 @@ def score_folder(gen, *, ref=None, ref_stats: str | None = None, metrics=None, f
     """
     if (ref is None) == (ref_stats is None):
         raise ValueError("give exactly one reference: reference images (--ref) or a statistics file (--ref-stats)")
-    common = dict(features=features, inception_weights=inception_weights, classifier=classifier,
-                  batch_size=batch_size, isc_splits=isc_splits, cuda=cuda, verbose=verbose)
+    common = {"features": features, "inception_weights": inception_weights, "classifier": classifier,
+              "batch_size": batch_size, "isc_splits": isc_splits, "cuda": cuda, "verbose": verbose}
     if ref is not None:
         result = score_folders(gen, ref, metrics or ALL_METRICS, kid_subset_size=kid_subset_size,
                                fmnist_root=fmnist_root, **common)

@@ -63,7 +63,8 @@ def test_unknown_key_lists_valid_keys(tmp_path):
     ("optim:\n  lr: [1]\n", "optim.lr: expected float or null, got list [1]"),
     ("optim:\n  betas: [0.9]\n", "optim.betas: expected list of 2 [float, float], got 1 items [0.9]"),
     ("optim:\n  betas: [0.9, x]\n", "optim.betas[1]: expected float, got str 'x'"),
-    ("model:\n  num_sampling_steps: 50\n", "model.num_sampling_steps: expected str, got int 50 (quote it in YAML)"),
+    ("model:\n  preset: 3\n", "model.preset: expected str, got int 3 (quote it in YAML)"),
+    ("model:\n  num_sampling_steps: [10, 20]\n", "model.num_sampling_steps: expected int or str, got list [10, 20]"),
     ("model: 3\n", "model: expected section (a mapping of keys), got int 3"),
     ("train:\n  trackers: jsonl\n", "train.trackers: expected list of one of 'jsonl', 'tensorboard', got str 'jsonl'"),
 ])
@@ -122,6 +123,61 @@ def test_override_errors():
                             "reference sampler) or a positive number r (the predicted x0 is clamped to [-r, r], in "
                             "token units), got -1.0")  # the one check of mar.config.SamplingOptions
     assert load_config(TrainConfig, overrides=["sample.clip_denoised=5"]).sample.clip_denoised == 5.0
+
+
+STEPS_RULE = ("model.num_sampling_steps must be an int or a string of step counts like '100' or '10,20' "
+              "(each count from 1 to its section's share of the 1000 training steps), got ")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.save_every_steps=0", "train.save_every_steps must be >= 1, got 0"),
+    ("train.log_every_steps=0", "train.log_every_steps must be >= 1, got 0"),
+    ("train.sample_every_steps=-5", "train.sample_every_steps must be >= 1, got -5"),
+    ("train.max_steps=0", "train.max_steps must be >= 1, or null to train for optim.epochs, got 0"),
+    ("train.max_steps=-3", "train.max_steps must be >= 1, or null to train for optim.epochs, got -3"),
+    ("optim.epochs=0", "optim.epochs must be >= 1, got 0"),
+    ("optim.warmup_epochs=-0.5", "optim.warmup_epochs must be >= 0 (0 = no warmup), got -0.5"),
+    ("optim.grad_clip=-1", "optim.grad_clip must be >= 0 (0 = no clipping), got -1.0"),
+    ("data.num_workers=-1", "data.num_workers must be >= 0 (0 = load in the main process), got -1"),
+    ("data.image_size=0", "data.image_size must be >= 1, got 0"),
+    ("model.num_sampling_steps=0", STEPS_RULE + "'0'"),
+    ("model.num_sampling_steps=abc", STEPS_RULE + "'abc'"),
+    ("model.num_sampling_steps=2000", STEPS_RULE + "'2000'"),
+    ("model.num_sampling_steps=600,10", STEPS_RULE + "'600,10'"),  # each of the 2 sections has 500 steps
+    ('model.num_sampling_steps=""', STEPS_RULE + "''"),
+])
+def test_step_settings_are_checked_at_load_time(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, overrides=[override])
+    assert str(e.value) == f"override {override!r}: {message}"
+
+
+def test_step_settings_edges_are_accepted():
+    cfg = load_config(TrainConfig, overrides=[
+        "train.save_every_steps=1", "train.log_every_steps=1", "train.sample_every_steps=1", "train.max_steps=1",
+        "optim.epochs=1", "optim.warmup_epochs=0", "optim.grad_clip=0", "data.num_workers=0", "data.image_size=1",
+        "model.num_sampling_steps=1000"])
+    assert (cfg.train.max_steps, cfg.optim.grad_clip, cfg.data.num_workers, cfg.model.num_sampling_steps) == (
+        1, 0.0, 0, "1000")
+    assert load_config(TrainConfig, overrides=["train.max_steps=null"]).train.max_steps is None
+
+
+def test_num_sampling_steps_int_or_string(tmp_path):
+    p = write(tmp_path / "c.yaml", "model:\n  num_sampling_steps: 50\n")
+    cfg = load_config(TrainConfig, p)
+    assert cfg.model.num_sampling_steps == 50 and type(cfg.model.num_sampling_steps) is int
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert load_config(TrainConfig, tmp_path / "run" / "config.yaml") == cfg  # the int form round-trips
+    p = write(tmp_path / "d.yaml", 'model:\n  num_sampling_steps: "10,20"\n')
+    assert load_config(TrainConfig, p).model.num_sampling_steps == "10,20"
+    p = write(tmp_path / "e.yaml", "model:\n  num_sampling_steps: 0\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, p)
+    assert str(e.value) == f"{p}: {STEPS_RULE}0"
+    p = write(tmp_path / "f.yaml", "model:\n  num_sampling_steps: true\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, p)
+    assert str(e.value) == f"{p}: model.num_sampling_steps: expected int or str, got bool True (quote it in YAML)"
 
 
 def test_overrides_parse_yaml_and_keep_text_for_strings():
@@ -191,7 +247,7 @@ class Inner:
 class Section:
     name: str  # required
     inner: Inner = field(default_factory=Inner)
-    scale: Optional[float] = None
+    scale: Optional[float] = None  # noqa: UP045 (typing.Optional on purpose: both union spellings load)
 
 
 @dataclass

@@ -1,15 +1,18 @@
 """Typed, strict configuration: YAML files -> nested dataclasses.
 
-A config class is a dataclass whose fields are bool / int / float / str, ``Optional[...]``, ``Literal[...]``,
-``tuple[...]`` / ``list[...]`` of those, or nested dataclasses (sections). One call reads, merges and checks:
+A config class is a dataclass whose fields are bool / int / float / str, ``Optional[...]`` / ``Union[...]``,
+``Literal[...]``, ``tuple[...]`` / ``list[...]`` of those, or nested dataclasses (sections). One call reads,
+merges and checks:
 
     cfg = load_config(TrainConfig, "configs/mar_base.yaml", ["optim.blr=2e-4", "--train.seed=1"])
 
 - a YAML file may start with ``base: other.yaml`` (relative to itself): the base is read first, then this
-  file's keys replace its keys section by section;
-- overrides ``section.key=value`` (a leading ``--`` is accepted) are applied in order, later ones win;
-- unknown keys, wrong types, values outside a ``Literal`` and failed ``__post_init__`` checks raise
-  `ConfigError` naming the dotted key and, for unknown keys, the valid keys of that section.
+  file's keys replace its keys section by section; a key given twice in one mapping is an error;
+- overrides ``section.key=value`` (a leading ``--`` is accepted) are applied in order, later ones win; the value
+  is YAML, except that a field that accepts strings keeps the raw text (``model.num_sampling_steps=50`` is "50");
+- types are exact (True is not an int, 1 is not a bool; an int is accepted for a float); unknown keys, wrong
+  types, values outside a ``Literal`` and failed ``__post_init__`` checks raise `ConfigError` naming the dotted
+  key and, for unknown keys, all valid keys of that section and the closest one (difflib) if any.
 
 YAML scalars follow the YAML 1.2 core schema rather than PyYAML's 1.1 defaults: ``1e-4`` is a float and only
 ``true``/``false`` are booleans (``no``/``off`` stay strings). Derived numbers such as the absolute learning
@@ -17,8 +20,10 @@ rate are computed by functions (`effective_lr`), never written back into the con
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import functools
 import os
 import re
 import types
@@ -37,33 +42,26 @@ class ConfigError(ValueError):
     """A config file or override does not match its schema; the message names the key and the fix."""
 
 
-# --- YAML dialect: PyYAML's safe loader with YAML 1.2 booleans and floats ---------------------------------
+# --- YAML dialect: PyYAML's safe loader with YAML 1.2 booleans and floats, no duplicate keys ------------------
 class _Loader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
-        """A key given twice in one mapping is an error (PyYAML would silently keep the last one)."""
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise ConfigError(f"key {key!r} appears twice in the same section (line {key_node.start_mark.line + 1}):"
-                                  " keep one")
+                raise ConfigError(f"key {key!r} appears twice in the same section (line {key_node.start_mark.line + 1})"
+                                  ": keep one")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 
 _BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _FLOAT)]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
+_Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _FLOAT)]
+                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _Loader.add_implicit_resolver(_FLOAT, re.compile(
     r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9]+[eE][-+]?[0-9]+"
     r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
-
-
-def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
 
 
 # --- type checking ------------------------------------------------------------------------------------------
@@ -75,16 +73,16 @@ def _type_name(tp: Any) -> str:
     if origin in _UNIONS:
         return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"list of {_type_name(args[0])}"
-        return f"list of {len(args)} [{', '.join(_type_name(a) for a in args)}]"
-    if origin is list:
+        return "one of " + ", ".join(map(repr, args))
+    if origin is tuple and args[-1] is not Ellipsis:
+        return f"list of {len(args)} [{', '.join(map(_type_name, args))}]"
+    if origin in (tuple, list):
         return f"list of {_type_name(args[0])}"
     if dataclasses.is_dataclass(tp):
         return "section (a mapping of keys)"
-    return getattr(tp, "__name__", str(tp))
+    if tp in (bool, int, float, str):
+        return tp.__name__
+    raise TypeError(f"config schema: unsupported annotation {tp!r}")
 
 
 def _show(value: Any) -> str:
@@ -94,101 +92,75 @@ def _show(value: Any) -> str:
 def _accepts_str(tp: Any) -> bool:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in _UNIONS:
-        return any(_accepts_str(a) for a in args)
+        return any(map(_accepts_str, args))
     return tp is str or (origin is Literal and all(isinstance(a, str) for a in args))
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; return it in canonical form (tuple, float, dataclass)."""
+    """Check `value` against the annotation `tp`; return it in canonical form (float, tuple, dataclass)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-
-    def mismatch() -> ConfigError:
-        hint = " (quote it in YAML)" if _accepts_str(tp) and isinstance(value, (int, float)) else ""
-        return ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}{hint}")
-
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise mismatch()
-        return _build(tp, value, key)
     if origin in _UNIONS:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1 and (typing.get_origin(inner[0]) in (tuple, list) or dataclasses.is_dataclass(inner[0])):
+            return _convert(inner[0], value, key)  # the element-level message is more precise
         for a in inner:
-            try:
+            with contextlib.suppress(ConfigError):
                 return _convert(a, value, key)
-            except ConfigError:
-                if len(inner) == 1 and (typing.get_origin(a) in (list, tuple) or dataclasses.is_dataclass(a)):
-                    raise  # the element-level message is more precise
-        raise mismatch()
-    if origin is Literal:
-        if any(type(value) is type(c) and value == c for c in args):
-            return value
-        raise mismatch()
-    if tp is bool or tp is int or tp is str:
-        if type(value) is not tp:  # exact: True is not an int, 1 is not a bool
-            raise mismatch()
+    elif dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return config_from_dict(tp, value, key)
+    elif ((tp in (bool, int, str) and type(value) is tp)  # exact types: True is not an int, 1 is not a bool
+          or (origin is Literal and any(type(value) is type(c) and value == c for c in args))):
         return value
-    if tp is float:
-        if type(value) not in (int, float):
-            raise mismatch()
+    elif tp is float and type(value) in (int, float):
         return float(value)
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise mismatch()
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                raise ConfigError(f"{key}: expected {_type_name(tp)}, got {len(value)} items {list(value)!r}")
-            items = [_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value))]
-        else:
-            items = [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if tp is Any:
-        return value
-    raise TypeError(f"config schema: unsupported annotation {tp!r} for {key}")
+    elif origin in (tuple, list) and isinstance(value, (list, tuple)):
+        item_types = args if origin is tuple and args[-1] is not Ellipsis else [args[0]] * len(value)
+        if len(item_types) != len(value):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {len(value)} items {list(value)!r}")
+        return origin(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(item_types, value)))
+    hint = " (quote it in YAML)" if _accepts_str(tp) and isinstance(value, (int, float)) else ""
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}{hint}")
 
 
+# --- sections -------------------------------------------------------------------------------------------------
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _fields(cls: type) -> tuple[dict[str, dataclasses.Field], dict[str, Any]]:
-    return {f.name: f for f in dataclasses.fields(cls) if f.init}, typing.get_type_hints(cls)
+@functools.cache  # (get_type_hints evaluates every annotation of the class)
+def _field(cls: type, name: Any, prefix: str) -> tuple[dataclasses.Field, Any]:
+    """The field and annotation of key `name` in section `cls`; an unknown key is an error listing the valid ones."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    if name not in fields:
+        close = difflib.get_close_matches(str(name), list(fields), n=1)
+        guess = f" (did you mean '{close[0]}'?)" if close else ""
+        where = f"in section '{prefix}'" if prefix else "at the top level"
+        raise ConfigError(f"unknown key '{_join(prefix, str(name))}'{guess}; valid keys {where}: {', '.join(fields)}")
+    return fields[name], typing.get_type_hints(cls)[name]
 
 
-def _unknown(prefix: str, name: Any, valid: list[str]) -> ConfigError:
-    where = f"in section '{prefix}'" if prefix else "at the top level"
-    close = difflib.get_close_matches(str(name), valid, n=1)
-    guess = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(f"unknown key '{_join(prefix, str(name))}'{guess}; valid keys {where}: {', '.join(valid)}")
-
-
-def _build(cls: type[C], data: dict, prefix: str = "") -> C:
-    fields, hints = _fields(cls)
-    for name in data:
-        if name not in fields:
-            raise _unknown(prefix, name, list(fields))
+def config_from_dict(cls: type[C], data: dict, prefix: str = "") -> C:
+    """Build and check a config of class `cls` from plain nested dicts (`prefix`: the dotted key of the section)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping of sections at the top level, got {_show(data)}")
+    found = {name: _field(cls, name, prefix) for name in data}  # all keys are known before any value is checked
     kwargs = {}
-    for name, f in fields.items():
-        if name in data:
-            value = data[name]
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            if isinstance(value, dict) and dataclasses.is_dataclass(default):  # a partial section keeps the
-                value = _deep_merge(config_to_dict(default), value)  # other values of its default instance
-            kwargs[name] = _convert(hints[name], value, _join(prefix, name))
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required key '{_join(prefix, name)}'")
+    for name, (f, tp) in found.items():
+        value = data[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):  # a partial section keeps the
+            value = _deep_merge(config_to_dict(default), value)  # other values of its default instance
+        kwargs[name] = _convert(tp, value, _join(prefix, name))
+    for f in dataclasses.fields(cls):
+        required = f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in data:
+            raise ConfigError(f"missing required key '{_join(prefix, f.name)}'")
     try:
         return cls(**kwargs)
     except ValueError as e:  # __post_init__ checks phrase their message as "<field> must ..."
         raise ConfigError(_join(prefix, str(e))) from None
-
-
-def config_from_dict(cls: type[C], data: dict) -> C:
-    """Build and check a config of class `cls` from plain nested dicts."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"expected a mapping of sections at the top level, got {_show(data)}")
-    return _build(cls, data)
 
 
 # --- files and overrides --------------------------------------------------------------------------------------
@@ -203,10 +175,9 @@ def read_yaml(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
     """Read a config file into plain dicts, resolving ``base:`` (relative to the file) recursively."""
     path = Path(path)
     if not path.is_file():
-        of = f" (the base of {_chain[-1]})" if _chain else ""
-        raise FileNotFoundError(f"config file not found: {path}{of}")
+        raise FileNotFoundError(f"config file not found: {path}" + (f" (the base of {_chain[-1]})" if _chain else ""))
     try:
-        data = _yaml_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     data = {} if data is None else data
@@ -217,8 +188,7 @@ def read_yaml(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
         return data
     if not isinstance(base, str):
         raise ConfigError(f"{path}: 'base' must be a file name, got {_show(base)}")
-    base_path = path.parent / base
-    chain = _chain + (path.resolve(),)
+    base_path, chain = path.parent / base, _chain + (path.resolve(),)
     if base_path.resolve() in chain:
         raise ConfigError(f"{path}: circular 'base' chain: {' -> '.join(map(str, chain + (base_path,)))}")
     return _deep_merge(read_yaml(base_path, chain), data)
@@ -227,9 +197,9 @@ def read_yaml(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
 def parse_override(text: str, cls: type) -> tuple[list[str], Any]:
     """``"--optim.blr=2e-4"`` -> (["optim", "blr"], 0.0002), the key checked against the schema `cls`.
 
-    The value is parsed as YAML; for string fields the raw text is kept (``model.num_sampling_steps=50``).
+    The value is parsed as YAML; for fields that accept strings the raw text is kept (``model.num_sampling_steps=50``).
     """
-    key, sep, raw = (text[2:] if text.startswith("--") else text).partition("=")
+    key, sep, raw = text.removeprefix("--").partition("=")
     parts = key.split(".")
     if not sep or not all(p.isidentifier() for p in parts):
         raise ConfigError(f"bad override {text!r}: expected section.key=value, e.g. optim.blr=2e-4")
@@ -237,36 +207,34 @@ def parse_override(text: str, cls: type) -> tuple[list[str], Any]:
     for part in parts:
         if not dataclasses.is_dataclass(tp):
             raise ConfigError(f"bad override {text!r}: '{prefix}' is a value, not a section")
-        fields, hints = _fields(tp)
-        if part not in fields:
-            raise ConfigError(f"override {text!r}: {_unknown(prefix, part, list(fields))}")
-        tp, prefix = hints[part], _join(prefix, part)
+        try:
+            tp, prefix = _field(tp, part, prefix)[1], _join(prefix, part)
+        except ConfigError as e:
+            raise ConfigError(f"override {text!r}: {e}") from None
     try:
-        value = _yaml_load(raw)
+        value = yaml.load(raw, Loader=_Loader)
     except yaml.YAMLError as e:
         raise ConfigError(f"bad override {text!r}: the value is not valid YAML: {e}") from None
     return parts, raw if _accepts_str(tp) and value is not None and not isinstance(value, str) else value
 
 
 def load_config(cls: type[C], path: str | os.PathLike | None = None, overrides: typing.Iterable[str] = ()) -> C:
-    """Defaults of `cls` <- YAML file at `path` (with its ``base`` chain) <- `overrides`, checked strictly."""
+    """Defaults of `cls` <- YAML file at `path` (with its ``base`` chain) <- `overrides`, checked strictly
+    after the file and after each override, so that an error names the file or override that caused it."""
+
+    def build(data: dict, where: str) -> C:
+        try:
+            return config_from_dict(cls, data)
+        except ConfigError as e:
+            raise ConfigError(where + str(e)) from None
+
     data = read_yaml(path) if path is not None else {}
-    try:
-        _build(cls, data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+    cfg = build(data, f"{path}: " if path is not None else "")
     for text in overrides:
         parts, value = parse_override(text, cls)
-        node = data
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        old = node.get(parts[-1])
-        node[parts[-1]] = _deep_merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
-        try:
-            _build(cls, data)
-        except ConfigError as e:
-            raise ConfigError(f"override {text!r}: {e}") from None
-    return _build(cls, data)
+        data = _deep_merge(data, functools.reduce(lambda v, p: {p: v}, reversed(parts), value))
+        cfg = build(data, f"override {text!r}: ")
+    return cfg
 
 
 def config_to_dict(cfg: Any) -> Any:

@@ -11,7 +11,7 @@ from typing import Literal, Optional
 
 import torch
 
-from diffloss.diffusion import annealed_step_counts
+from diffloss.diffusion import annealed_step_counts, respace_timesteps
 from diffloss.loss import NUM_TRAIN_TIMESTEPS, check_sampling_options
 from mar.schedules import check_guidance
 from tokenizers.training import VAETrainConfig
@@ -36,17 +36,17 @@ class ModelConfig:
     proj_dropout: float = 0.1
     mask_ratio_min: float = 0.7
     diffusion_batch_mul: int = 4
-    num_sampling_steps: str = "100"
+    num_sampling_steps: int | str = "100"  # diffusion steps of the sampler: 100, "100", or per section "10,20"
     grad_checkpointing: bool = False
     # None = take the size from the preset
-    encoder_embed_dim: Optional[int] = None
-    encoder_depth: Optional[int] = None
-    encoder_num_heads: Optional[int] = None
-    decoder_embed_dim: Optional[int] = None
-    decoder_depth: Optional[int] = None
-    decoder_num_heads: Optional[int] = None
-    diffloss_depth: Optional[int] = None
-    diffloss_width: Optional[int] = None
+    encoder_embed_dim: int | None = None
+    encoder_depth: int | None = None
+    encoder_num_heads: int | None = None
+    decoder_embed_dim: int | None = None
+    decoder_depth: int | None = None
+    decoder_num_heads: int | None = None
+    diffloss_depth: int | None = None
+    diffloss_width: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.img_size % (self.vae_stride * self.patch_size) == 0,
@@ -55,25 +55,36 @@ class ModelConfig:
         _check(0.0 < self.mask_ratio_min <= 1.0, f"mask_ratio_min must be in (0, 1], got {self.mask_ratio_min}")
         _check(0.0 <= self.label_drop_prob < 1.0, f"label_drop_prob must be in [0, 1), got {self.label_drop_prob}")
         _check(self.diffusion_batch_mul >= 1, f"diffusion_batch_mul must be >= 1, got {self.diffusion_batch_mul}")
+        try:
+            respace_timesteps(NUM_TRAIN_TIMESTEPS, self.num_sampling_steps)
+        except ValueError:
+            raise ValueError(f"num_sampling_steps must be an int or a string of step counts like '100' or '10,20' "
+                             f"(each count from 1 to its section's share of the {NUM_TRAIN_TIMESTEPS} training steps), "
+                             f"got {self.num_sampling_steps!r}") from None
 
 
 @dataclass
 class TokenizerConfig:
     preset: str = "kl16"
-    checkpoint: Optional[str] = None  # LDM .ckpt (published KL-16) or a project .safetensors
-    scaling_factor: Optional[float] = None  # None = the tokenizer's own factor
-    in_channels: Optional[int] = None  # None = the preset's (3); 1 for grey images
+    checkpoint: str | None = None  # LDM .ckpt (published KL-16) or a project .safetensors
+    scaling_factor: float | None = None  # None = the tokenizer's own factor
+    in_channels: int | None = None  # None = the preset's (3); 1 for grey images
 
 
 @dataclass
 class DataConfig:
     kind: Literal["imagefolder", "fashion_mnist", "latents"] = "imagefolder"
-    path: Optional[str] = None  # None = the kind's default location (Fashion-MNIST: the Debian package's)
+    path: str | None = None  # None = the kind's default location (Fashion-MNIST: the Debian package's)
     split: str = "train"
     image_size: int = 256
     hflip: bool = True
     num_workers: int = 4
-    cache_path: Optional[str] = None
+    cache_path: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}")
+        _check(self.num_workers >= 0,
+               f"num_workers must be >= 0 (0 = load in the main process), got {self.num_workers}")
 
 
 @dataclass
@@ -81,7 +92,7 @@ class OptimConfig:
     batch_size: int = 64  # per process
     grad_accum: int = 1
     blr: float = 1e-4  # lr = blr * global_batch / 256 unless `lr` is set
-    lr: Optional[float] = None
+    lr: float | None = None
     min_lr: float = 0.0
     lr_schedule: Literal["constant", "cosine"] = "constant"
     warmup_epochs: float = 100
@@ -95,6 +106,9 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _check(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0 (0 = no warmup), got {self.warmup_epochs}")
+        _check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = no clipping), got {self.grad_clip}")
         _check(all(0.0 <= b < 1.0 for b in self.betas), f"betas must be in [0, 1), got {list(self.betas)}")
         _check(0.0 <= self.ema_rate <= 1.0, f"ema_rate must be in [0, 1], got {self.ema_rate}")
 
@@ -107,8 +121,14 @@ class RunConfig:
     save_every_steps: int = 1000
     sample_every_steps: int = 5000
     log_every_steps: int = 50
-    max_steps: Optional[int] = None
+    max_steps: int | None = None
     trackers: list[Literal["jsonl", "tensorboard"]] = field(default_factory=lambda: ["jsonl"])
+
+    def __post_init__(self) -> None:
+        for name in ("save_every_steps", "sample_every_steps", "log_every_steps"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.max_steps is None or self.max_steps >= 1,
+               f"max_steps must be >= 1, or null to train for optim.epochs, got {self.max_steps}")
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype of each precision

@@ -132,3 +132,60 @@ def save_grid(images: np.ndarray, path: str | os.PathLike, nrow: int | None = No
 def write_grid(images: np.ndarray, nrow: int, path: str | os.PathLike) -> None:
     """Grid PNG of (n, H, W, C) uint8 images; images smaller than 64 px are enlarged (nearest)."""
     save_grid(images, path, nrow=nrow, upscale=max(1, 64 // np.asarray(images).shape[1]))
+
+
+# --- one writer per folder --------------------------------------------------------------------------------------
+class FolderBusy(RuntimeError):
+    """Another process holds the folder's lock."""
+
+
+class FolderLock:
+    """An exclusive lock on a folder: ``fcntl.flock`` on ``<folder>/.lock``, held until ``release`` or the process
+    ends (also by kill -9: the kernel drops it, so a lock never outlives its holder). The file records the
+    holder's pid and command for the message a second writer gets."""
+
+    def __init__(self, folder: str | os.PathLike, what: str = "run"):
+        self.folder, self.what, self._fd = Path(folder), what, None
+
+    def acquire(self) -> FolderLock:
+        import fcntl
+        import sys
+        import time
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise FolderBusy(f"{self.folder} is in use by another {self.what} ({holder}): wait for it to finish, "
+                             "or choose another output folder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                     f"{' '.join(sys.argv)}".encode()[:4000])
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def describe_os_error(e: OSError) -> str:
+    """An OSError as one line with the fix (disk full, permissions, read-only file system)."""
+    import errno
+
+    what = f"{e.strerror or e}" + (f": {e.filename}" if getattr(e, "filename", None) else "")
+    fix = {errno.ENOSPC: "free disk space (or use another output folder) and rerun: complete files are kept and "
+                         "a training run resumes from its last checkpoint",
+           errno.EACCES: "check the folder's permissions, or use another output folder",
+           errno.EROFS: "the file system is read-only: use another output folder"}.get(e.errno, "")
+    return f"{what}; {fix}" if fix else what

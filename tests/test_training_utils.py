@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from mar import create_model
-from mar.engine.loop import batch_indices, ema_decay, ema_update, lr_at, param_groups
+from mar.engine.data import batch_indices
+from mar.engine.loop import ema_decay, ema_update, lr_at, param_groups
 
 
 def test_lr_schedule_formulas():

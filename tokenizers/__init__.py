@@ -1,8 +1,10 @@
-"""Image tokenizers: the KL-VAE (LDM architecture on diffusers' AutoencoderKL) and its checkpoint conversion.
+"""Image tokenizers behind one interface (``base.Tokenizer``): the KL-VAE (LDM architecture on diffusers'
+AutoencoderKL), its checkpoint conversion and its training objective.
 
 Note: this top-level package shadows Hugging Face's ``tokenizers``; nothing here uses that one.
 """
 
+from .base import Tokenizer, open_tokenizer
 from .convert import convert_ldm_vae_state_dict, ldm_key_for, read_state_dict_file
 from .kl_vae import (
     KL_VAE_PRESETS,
@@ -27,6 +29,7 @@ __all__ = [
     "KLVAEConfig",
     "KLVAEObjective",
     "PatchDiscriminator",
+    "Tokenizer",
     "VAETrainConfig",
     "adversarial_factor",
     "build_autoencoder",
@@ -36,5 +39,6 @@ __all__ = [
     "hinge_d_loss",
     "kl_vae_preset",
     "ldm_key_for",
+    "open_tokenizer",
     "read_state_dict_file",
 ]

@@ -161,6 +161,16 @@ class KLTokenizer(nn.Module):
     def latent_channels(self) -> int:
         return self.config.latent_channels
 
+    kind = "continuous"  # the tokenizers.base.Tokenizer interface
+
+    @property
+    def token_channels(self) -> int:
+        return self.config.latent_channels
+
+    @property
+    def in_channels(self) -> int:
+        return self.config.in_channels
+
     # ---- encoding -------------------------------------------------------------------------------
     def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
         """(B, in, H, W) in [-1, 1] -> (B, 2C, h, w) = mean || logvar (logvar clamped to [-30, 20])."""

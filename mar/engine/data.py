@@ -1,7 +1,10 @@
 """Datasets: ImageNet-style image folders, Fashion-MNIST (IDX files), cached VAE latents; seeded index orders.
 
 Every random choice here is a pure function of integers, so a resumed or sharded run draws the same data:
-- the order of epoch e is ``epoch_permutation(n, seed, e)``;
+- the order of epoch e is ``epoch_permutation(n, seed, e)``; micro-batch ``slot`` j = rank * grad_accum + a
+  of optimizer step s takes its items from it (``batch_indices``) and its random draws (orders, mask ratio,
+  label drop, diffusion t and noise, dropout) from ``slot_seed(seed, s, j)``: a run is a function of
+  (config, step), so resuming at step s, or 2 processes instead of 1 with 2 accumulation steps, draw the same;
 - the horizontal flip of item i in epoch e is ``hflip_coin(seed, e, i)`` (datasets hold `seed` and
   `epoch`; call ``set_epoch(e)`` before each epoch; with ``persistent_workers=True`` workers keep their copy).
 
@@ -53,6 +56,72 @@ def hflip_coin(seed: int, epoch: int, index: int) -> bool:
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The order of the n items in `epoch`: LongTensor (n,), a permutation seeded from (seed, epoch)."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(item_seed(seed, epoch)))
+
+
+def slot_seed(seed: int, step: int, slot: int) -> int:
+    """The seed of micro-batch ``slot`` at optimizer ``step``."""
+    return item_seed(seed, step, slot)
+
+
+def batch_indices(num_items: int, seed: int, step: int, global_batch: int, slot: int,
+                  micro_batch: int) -> tuple[int, torch.Tensor]:
+    """(epoch, dataset indices) of micro-batch ``slot`` at optimizer ``step``; epochs drop their last partial batch."""
+    steps_per_epoch = num_items // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"the dataset has {num_items} items, fewer than one global batch of {global_batch}: "
+                         "lower optim.batch_size or use more data")
+    epoch, within = divmod(step, steps_per_epoch)
+    start = within * global_batch + slot * micro_batch
+    return epoch, epoch_permutation(num_items, seed, epoch)[start:start + micro_batch]
+
+
+class EpochIndexed(Dataset):
+    """Items addressed as (epoch, index): the epoch fixes each item's flip, also inside loader workers."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        self.base.set_epoch(epoch)
+        return self.base[index]
+
+
+def train_batches(dataset, seed: int, batch_size: int, grad_accum: int, start_step: int, rank: int, world: int,
+                  num_workers: int = 0) -> Iterator:
+    """This rank's micro-batches from ``start_step`` on, ``grad_accum`` of them per optimizer step."""
+    global_batch = batch_size * grad_accum * world
+
+    def keys():
+        step = start_step
+        while True:
+            for a in range(grad_accum):
+                epoch, idx = batch_indices(len(dataset), seed, step, global_batch, rank * grad_accum + a, batch_size)
+                yield [(epoch, int(i)) for i in idx]
+            step += 1
+
+    return iter(torch.utils.data.DataLoader(EpochIndexed(dataset), batch_sampler=keys(), num_workers=num_workers,
+                                            persistent_workers=num_workers > 0))
+
+
+def build_dataset(data, seed: int, return_pair: bool = False) -> Dataset:
+    """The dataset of a ``DataConfig``; ``return_pair`` gives (image, flipped image, label) for caching latents."""
+    if data.kind == "fashion_mnist":
+        return FashionMNISTDataset(data.path, split=data.split, pad_to=data.image_size,
+                                   hflip=data.hflip and not return_pair, seed=seed, return_pair=return_pair)
+    if data.kind == "latents":
+        if data.path is None:
+            raise ValueError("data.kind=latents needs data.path=<latent cache file> (made with --cache-latents)")
+        if return_pair:
+            raise ValueError("--cache-latents needs images: set data.kind to imagefolder or fashion_mnist")
+        return LatentCacheDataset(data.path, hflip=data.hflip, seed=seed)
+    if data.path is None:
+        raise ValueError("data.kind=imagefolder needs data.path=<folder with one sub-folder per class>")
+    return ImageFolderDataset(data.path, image_size=data.image_size, hflip=data.hflip and not return_pair, seed=seed,
+                              return_pair=return_pair)
 
 
 class EpochSampler(Sampler[int]):

@@ -1,0 +1,173 @@
+"""Training tasks: what ``fit`` trains, its loss and its exports, one class per ``task:`` of the config.
+
+A task has
+
+    name                               the config's ``task`` value, recorded in every checkpoint
+    build(device) -> nn.Module         the module the optimizer trains (fit wraps it for DDP)
+    ema_source(module) -> nn.Module    the part whose EMA is kept (the generator, or the tokenizer)
+    param_groups(module, lr)           AdamW groups (with ``lr_mult`` when parts train at other rates)
+    loss(module, batch, step, g)       (scalar loss, detached logs) of one micro-batch, every draw from g
+    identity(config dict) -> dict      the config sections that define the weights (a resume must match them)
+    sample_grid(ema, step, path)       a picture of the progress (or nothing)
+    export(ema, module, data, run_dir, device) -> Path   the file sampling uses
+
+``TASKS`` maps names to classes; ``cache_latents`` is the one-off encoding pass of ``--cache-latents``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from mar.config.loader import config_to_dict
+from mar.config.schema import TrainConfig
+from mar.engine.checkpoint import export_safetensors
+from mar.engine.data import build_dataset, save_latent_cache
+from mar.engine.loop import param_groups
+from mar.io import atomic_write, write_grid
+from mar.registry import create_model
+from tokenizers import KLTokenizer, open_tokenizer
+from tokenizers.training import KLVAEObjective, estimate_scaling_factor
+
+
+def build_tokenizer(cfg: TrainConfig) -> KLTokenizer:
+    t = cfg.tokenizer
+    return open_tokenizer(t.checkpoint, t.preset, t.in_channels, t.scaling_factor)
+
+
+class MARTask:
+    """A class-conditional generator on the tokens of a frozen tokenizer (MAR paper, Sec. 5.1)."""
+
+    name = "mar"
+
+    def __init__(self, cfg: TrainConfig):
+        if cfg.tokenizer.checkpoint is None:
+            raise ValueError("task=mar needs a trained tokenizer: set tokenizer.checkpoint=<kl16.ckpt or a tokenizer "
+                             ".safetensors written by a task=tokenizer run>")
+        self.cfg = cfg
+        self.tokenizer: KLTokenizer | None = None
+
+    def dataset(self):
+        return build_dataset(self.cfg.data, self.cfg.train.seed)
+
+    def build(self, device) -> nn.Module:
+        self.tokenizer = build_tokenizer(self.cfg).to(device).eval().requires_grad_(False)
+        m = dataclasses.asdict(self.cfg.model)
+        tok = self.tokenizer
+        if m.pop("vae_stride") != tok.stride or m.pop("token_channels") != tok.token_channels:
+            raise ValueError(f"model.vae_stride/token_channels must match the tokenizer ({tok.stride}, "
+                             f"{tok.token_channels}): set model.vae_stride={tok.stride} "
+                             f"model.token_channels={tok.token_channels}")
+        return create_model(m.pop("preset"), vae_stride=tok.stride, token_channels=tok.token_channels,
+                            generator=torch.Generator().manual_seed(self.cfg.train.seed), **m).to(device)
+
+    def ema_source(self, module: nn.Module) -> nn.Module:
+        return module
+
+    def param_groups(self, module: nn.Module, lr: float) -> list[dict]:
+        return param_groups(module, self.cfg.optim.weight_decay, (f"{module._head_name}.",))
+
+    def loss(self, module, batch, step: int, generator: torch.Generator):
+        x, y = batch
+        if self.cfg.data.kind == "latents":  # cached posterior moments: draw the tokens
+            tokens = self.tokenizer.sample_from_moments(x, generator=generator)
+        else:
+            with torch.no_grad():
+                tokens = self.tokenizer.encode(x, generator=generator)
+        return module(tokens, y, generator=generator), {}
+
+    @staticmethod
+    def identity(config: dict) -> dict:
+        """The model section, without its sampler setting (num_sampling_steps may change between runs)."""
+        return {k: v for k, v in (config.get("model") or {}).items() if k != "num_sampling_steps"}
+
+    @torch.no_grad()
+    def sample_grid(self, ema: nn.Module, step: int, path: Path) -> None:
+        """A grid from the EMA weights: one row per class (up to 10 classes), 8 samples per row."""
+        s = self.cfg.sample
+        classes = min(self.cfg.model.num_classes, 10)
+        labels = torch.arange(classes, device=ema.fake_latent.device).repeat_interleave(8)
+        g = torch.Generator(labels.device).manual_seed(self.cfg.train.seed)
+        tokens = ema.sample_tokens(len(labels), num_iter=min(s.num_iter, ema.seq_len), cfg=s.cfg,
+                                   cfg_schedule=s.cfg_schedule, labels=labels, temperature=s.temperature,
+                                   generator=g, options=s.sampling_options())
+        write_grid(self.tokenizer.to_uint8(self.tokenizer.decode(tokens)).cpu().numpy(), 8, path)
+
+    def export(self, ema: nn.Module, module: nn.Module, dataset, run_dir: Path, device) -> Path:
+        """The EMA weights with the training config and the tokenizer config in the metadata."""
+        meta = {"weights": "ema", "config": json.dumps(config_to_dict(self.cfg)),
+                "tokenizer": json.dumps(self.tokenizer.config.to_dict())}
+        return export_safetensors(ema.state_dict(), run_dir / "mar_ema.safetensors", meta)
+
+
+class TokenizerTask:
+    """The KL-VAE tokenizer: reconstruction + KL (+ an optional PatchGAN term), ``tokenizers.training``."""
+
+    name = "tokenizer"
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def dataset(self):
+        return build_dataset(self.cfg.data, self.cfg.train.seed)
+
+    def build(self, device) -> nn.Module:
+        t = self.cfg.tokenizer
+        torch.manual_seed(self.cfg.train.seed)  # diffusers' VAE initialises from the global RNG only
+        return KLVAEObjective(open_tokenizer(None, t.preset, t.in_channels, t.scaling_factor), self.cfg.vae).to(device)
+
+    def ema_source(self, module: nn.Module) -> nn.Module:
+        return module.tokenizer
+
+    def param_groups(self, module: nn.Module, lr: float) -> list[dict]:
+        return module.param_groups(lr, self.cfg.optim.weight_decay)
+
+    def loss(self, module, batch, step: int, generator: torch.Generator):
+        return module(batch[0], step=step, generator=generator)
+
+    @staticmethod
+    def identity(config: dict) -> dict:
+        return {"tokenizer": {k: v for k, v in (config.get("tokenizer") or {}).items() if k != "checkpoint"},
+                "vae": config.get("vae")}
+
+    def sample_grid(self, ema: nn.Module, step: int, path: Path) -> None:
+        pass  # the reconstruction loss in the logs is the progress
+
+    @torch.no_grad()
+    def export(self, ema: nn.Module, module: nn.Module, dataset, run_dir: Path, device) -> Path:
+        """The trained (raw, as LDM VAEs are used) tokenizer, with the latent scaling factor 1/std computed from
+        up to 2048 training images."""
+        trained = module.tokenizer
+        bs = self.cfg.optim.batch_size
+        loader = torch.utils.data.DataLoader(dataset, batch_size=bs, shuffle=False)
+        images = (x.to(device) for _, (x, _y) in zip(range(max(1, 2048 // bs)), loader))
+        factor = estimate_scaling_factor(trained, images, torch.Generator(device).manual_seed(self.cfg.train.seed))
+        trained.config = dataclasses.replace(trained.config, scaling_factor=factor)
+        print(f"latent scaling factor 1/std from {min(len(dataset), 2048)} training images: {factor:.4f}")
+        return atomic_write(run_dir / "tokenizer.safetensors", trained.save)
+
+
+TASKS = {task.name: task for task in (MARTask, TokenizerTask)}
+
+
+@torch.no_grad()
+def cache_latents(cfg: TrainConfig, out: Path, device) -> Path:
+    """Encode the dataset once: posterior moments of each image and of its flip (with data.hflip), plus labels."""
+    flip = cfg.data.hflip
+    dataset = build_dataset(cfg.data, cfg.train.seed, return_pair=flip)
+    tok = build_tokenizer(cfg).to(device).eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers)
+    moments, flips, labels = [], [], []
+    for batch in tqdm(loader, desc="caching latents"):
+        moments.append(tok.encode_moments(batch[0].to(device)).cpu())
+        if flip:
+            flips.append(tok.encode_moments(batch[1].to(device)).cpu())
+        labels.append(batch[-1])
+    meta = {"scaling_factor": str(tok.scaling_factor), "tokenizer": json.dumps(tok.config.to_dict())}
+    save_latent_cache(out, torch.cat(moments), torch.cat(flips) if flip else None, torch.cat(labels), meta)
+    print(f"wrote {out}: {sum(len(m) for m in moments)} images, moments {tuple(moments[0].shape[1:])}")
+    return Path(out)

@@ -142,10 +142,14 @@ class FolderBusy(RuntimeError):
 class FolderLock:
     """An exclusive lock on a folder: ``fcntl.flock`` on ``<folder>/.lock``, held until ``release`` or the process
     ends (also by kill -9: the kernel drops it, so a lock never outlives its holder). The file records the
-    holder's pid and command for the message a second writer gets."""
+    holder's pid and command for the message a second writer gets, and is removed on release."""
 
     def __init__(self, folder: str | os.PathLike, what: str = "run"):
         self.folder, self.what, self._fd = Path(folder), what, None
+
+    @property
+    def path(self) -> Path:
+        return self.folder / ".lock"
 
     def acquire(self) -> FolderLock:
         import fcntl
@@ -153,14 +157,21 @@ class FolderLock:
         import time
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise FolderBusy(f"{self.folder} is in use by another {self.what} ({holder}): wait for it to "
+                                 "finish, or choose another output folder") from None
+            try:  # the holder we waited on may have removed the file meanwhile: lock the file that is there
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise FolderBusy(f"{self.folder} is in use by another {self.what} ({holder}): wait for it to finish, "
-                             "or choose another output folder") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                      f"{' '.join(sys.argv)}".encode()[:4000])
@@ -169,6 +180,7 @@ class FolderLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            self.path.unlink(missing_ok=True)
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 

@@ -1,22 +1,16 @@
-"""Sample folders: which image has which class and seed, what is on disk, and writing the outputs.
+"""Sample folders on disk: file names, which images exist, the settings they were made with, grids and npz.
 
 Glossary: N images in a setting, i an image index (0..N-1), K classes sampled, c a class label.
 
-Every image is a function of (weights, settings, i) only:
-    label(i)     = classes[i % K]                        (round robin: any N keeps the labels of 0..N-1)
-    generator(i) = torch.Generator().manual_seed(item_seed(seed, i))
-so an image never depends on the batch around it, on the number of processes, or on a resume. The
-same compute shapes matter too (kernels are picked by shape): `generate_images` pads every batch to
-the same size and decodes images one at a time; sample.py makes MKL's CPU matmuls shape-independent.
-On disk, image i is ``{i:06d}_c{label:03d}.png`` (evaluate.py reads the class from the name), written
-atomically; ``settings.json`` records the settings the folder was made with.
+Image i of a setting has class ``label_of(i, classes)`` = classes[i % K] and is seeded from (seed, i) alone
+(``mar.pipeline``). On disk it is ``{i:06d}_c{label:03d}.png`` (evaluate.py reads the class from the name),
+written atomically; ``settings.json`` records the key the folder was made with, and a folder made with
+another key is refused (``SettingsMismatch``), so images of two settings never mix.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import math
 import re
 import zipfile
 from pathlib import Path
@@ -26,14 +20,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mar.engine.data import item_seed
 from mar.io import atomic_write
-from mar.registry import PRESETS
+from mar.pipeline import label_of
 
 SETTINGS_FORMAT = "mar-samples-v1"
 SAMPLE_NAME = re.compile(r"^(\d+)_c(\d+)\.png$")
 GRID_COLUMNS, GRID_MAX_ROWS = 8, 16
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class SettingsMismatch(ValueError):
@@ -41,11 +33,6 @@ class SettingsMismatch(ValueError):
 
 
 # --- labels, names and grids ------------------------------------------------------------------------------------
-def label_of(i: int, classes: Sequence[int]) -> int:
-    """Class of image i: classes[i % K]."""
-    return int(classes[i % len(classes)])
-
-
 def sample_name(i: int, classes: Sequence[int]) -> str:
     return f"{i:06d}_c{label_of(i, classes):03d}.png"
 
@@ -124,11 +111,14 @@ def read_settings(folder: Path) -> dict | None:
 def check_folder(folder: Path, key: dict, num_images: int, classes: Sequence[int]) -> dict | None:
     """Refuse (SettingsMismatch) a folder made with other settings; return its settings.json or None."""
     old = read_settings(folder)
+    has_images = folder.is_dir() and any(SAMPLE_NAME.match(p.name) for p in folder.iterdir())
     if old is None:
-        if folder.is_dir() and any(SAMPLE_NAME.match(p.name) for p in folder.iterdir()):
+        if has_images:
             raise SettingsMismatch(f"{folder} holds sample PNGs but no settings.json, so they cannot be checked: "
                                    "pass another --out")
         return None
+    if not has_images and old["key"] != key:
+        return None  # a run that made no image yet (it failed or was stopped early): nothing to mix, start anew
     diff = [f"{k}: {json.dumps(old['key'].get(k))} there, {json.dumps(v)} now" for k, v in key.items()
             if old["key"].get(k) != v]
     diff += [f"{k}: {json.dumps(v)} there, absent now" for k, v in old["key"].items() if k not in key]
@@ -137,42 +127,6 @@ def check_folder(folder: Path, key: dict, num_images: int, classes: Sequence[int
                                "pass another --out (or delete that folder) rather than mix images")
     existing_samples(folder, num_images, classes)
     return old
-
-
-# --- generation -------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def generate_images(model, tokenizer, indices: Sequence[int], classes: Sequence[int], seed: int, num_iter: int,
-                    cfg: float, cfg_schedule: str, temperature: float, precision: str = "fp32",
-                    pad_to: int = 0, sampler: str = "ddpm", eta: float = 0.0,
-                    diffusion_steps: tuple[int, int] | None = None, clip_denoised: float | None = None) -> np.ndarray:
-    """Images of `indices` as uint8 (n, H, W, C): one generator and label per index.
-
-    `precision`, `sampler`, `eta` and `diffusion_steps` (annealed (first, last) diffusion steps) select the
-    opt-in fast path of ``MAR.sample_tokens`` and `clip_denoised` its opt-in guard; the defaults are the exact
-    reference sampler in fp32.
-
-    The batch is padded to `pad_to` samples (repeats of the last index, dropped after), so every batch
-    of a run has the same shapes and picks the same kernels; `decode_each` does the same for the decoder.
-    """
-    device = model.fake_latent.device
-    n = len(indices)
-    padded = list(indices) + [indices[-1]] * max(0, pad_to - n)
-    generators = [torch.Generator(device).manual_seed(item_seed(seed, i)) for i in padded]
-    labels = torch.tensor([label_of(i, classes) for i in padded], device=device)
-    tokens = model.sample_tokens(len(padded), num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
-                                 labels=labels, temperature=temperature, generator=generators, sampler=sampler,
-                                 eta=eta, diffusion_steps_schedule=diffusion_steps,
-                                 autocast_dtype=PRECISIONS[precision], clip_denoised=clip_denoised)
-    return tokenizer.to_uint8(decode_each(tokenizer, tokens[:n].float())).cpu().numpy()
-
-
-def decode_each(tokenizer, tokens: torch.Tensor) -> torch.Tensor:
-    """Decode (n, c, h, w) tokens one image at a time, from NCHW-contiguous memory -> (n, C, H, W).
-
-    Convolution kernels are chosen by batch size and memory layout (MAR's unpatchify returns a
-    channels-last view whose strides depend on the batch), and either changes the float result."""
-    tokens = tokens.contiguous()
-    return torch.cat([tokenizer.decode(tokens[j:j + 1]) for j in range(len(tokens))])
 
 
 # --- ADM evaluator npz ------------------------------------------------------------------------------------------
@@ -200,25 +154,6 @@ def rate(images: int, seconds: float) -> dict[str, float | None]:
     return {"seconds_per_image": seconds / images, "images_per_second": images / max(seconds, 1e-9)}
 
 
-def parse_clip_denoised(text: str) -> float:
-    """A --clip-denoised argument (argparse type): a positive finite number, or 'off' / 'none', returned as 0.0
-    (explicitly off, whatever the run's config says; see `effective_clip_denoised`)."""
-    if text.strip().lower() in ("off", "none"):
-        return 0.0
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number or 'off', got {text!r}") from None
-    if not 0.0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a positive number or 'off', got {text!r}")
-    return value
-
-
-def effective_clip_denoised(argument: float | None, run_default: float | None) -> float | None:
-    """The guard a sampling run uses: the run config's value unless the command line gave one (0.0 = off)."""
-    return run_default if argument is None else (argument or None)
-
-
 def setting_folder_name(cfg: float, temperature: float, num_iter: int | None = None) -> str:
     """``cfg2.0_temp1.0`` (plus ``_iter64`` when several num_iter values are swept)."""
     name = f"cfg{float(cfg)}_temp{float(temperature)}"
@@ -240,33 +175,3 @@ def parse_classes(text: str | None, num_classes: int) -> list[int]:
     return classes
 
 
-# --- model sizes from a state dict ------------------------------------------------------------------------------
-def guess_preset(state: dict[str, torch.Tensor]) -> str:
-    """Which preset's sizes a MAR state dict has, as words for error messages."""
-    try:
-        width = state["z_proj.weight"].shape[0]
-        depth = len({k.split(".")[1] for k in state if k.startswith("encoder_blocks.")})
-        head = (len({k.split(".")[3] for k in state if k.startswith("diffloss.net.res_blocks.")}),
-                state["diffloss.net.input_proj.weight"].shape[0])
-    except KeyError:
-        return "it is not a MAR state dict"
-    for name, p in PRESETS.items():
-        sizes = (p["encoder_embed_dim"], p["encoder_depth"], p["diffloss_depth"], p["diffloss_width"])
-        if sizes == (width, depth, *head):
-            return f"it looks like {name}"
-    return f"width {width}, depth {depth}, DiffLoss {head[0]}x{head[1]}: no preset has these sizes"
-
-
-def infer_kwargs(state: dict[str, torch.Tensor], token_channels: int, vae_stride: int, source: str) -> dict[str, int]:
-    """num_classes, buffer_size, patch_size and img_size of a config-less (published) MAR state dict:
-    class_emb (K, D); diffusion_pos_embed (1, L, D); encoder_pos_embed (1, P+L, D); z_proj (D, C*p*p)."""
-    try:
-        classes, pos, enc, zproj = (state[k].shape for k in ("class_emb.weight", "diffusion_pos_embed_learned",
-                                                             "encoder_pos_embed_learned", "z_proj.weight"))
-    except KeyError as e:
-        raise ValueError(f"{source} is not a MAR state dict (no {e})") from None
-    side, patch = math.isqrt(pos[1]), math.isqrt(zproj[1] // token_channels)
-    if side * side != pos[1] or patch * patch * token_channels != zproj[1]:
-        raise ValueError(f"{source}: token width {zproj[1]} does not fit a tokenizer with {token_channels} channels")
-    return dict(num_classes=classes[0], buffer_size=enc[1] - pos[1], patch_size=patch,
-                img_size=side * patch * vae_stride)

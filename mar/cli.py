@@ -1,0 +1,82 @@
+"""Command-line pieces shared by the entry points (sample.py, evaluate.py, benchmarks/): the weights and
+generation flags, and their conversion into the library's objects right at the entry point.
+
+Only the scripts import this module; what it returns is plain data (paths, ``SamplingOptions``, a ``Run``),
+so no argparse object goes further.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+from mar.config.schema import PRECISIONS, SampleConfig, SamplingOptions
+from mar.registry import PRESETS
+from mar.run import Run, load_run
+
+OPTION_FLAGS = ("sampler", "eta", "diffusion_steps", "diffusion_steps_shape", "precision", "clip_denoised")
+
+
+def parse_clip_denoised(text: str) -> float:
+    """A --clip-denoised argument (argparse type): a positive finite number, or 'off' / 'none', returned as 0.0
+    (explicitly off, whatever the run's config says)."""
+    if text.strip().lower() in ("off", "none"):
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'off', got {text!r}") from None
+    if not 0.0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'off', got {text!r}")
+    return value
+
+
+def add_weights_args(p: argparse.ArgumentParser, default_help: str = "the shipped pretrained/fmnist") -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--run", help=f"train.py output folder (default: {default_help})")
+    src.add_argument("--checkpoint", help="MAR weights: ours (.pt/.safetensors) or the published checkpoint-last.pth")
+    p.add_argument("--model", help="MAR preset, needed for published checkpoints: " + ", ".join(PRESETS))
+    p.add_argument("--tokenizer", help="KL-VAE: published kl16.ckpt (LDM format) or a project .safetensors")
+    p.add_argument("--tokenizer-preset", default="kl16", help="architecture of an LDM-format tokenizer file")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default)")
+    p.add_argument("--num-sampling-steps", type=int, help="diffusion steps per token (default: the model's, 100)")
+
+
+def add_generation_args(p: argparse.ArgumentParser, lists: bool = True) -> None:
+    """--num-iter/--cfg/--temperature (lists: one setting per combination), --cfg-schedule, and the options."""
+    many = {"nargs": "+"} if lists else {}
+    p.add_argument("--num-iter", type=int, **many, help="MAR generation steps (default: the run's, else 64)")
+    p.add_argument("--cfg", type=float, **many, help="guidance scale(s), >= 0 (default: the run's, else 1)")
+    p.add_argument("--temperature", type=float, **many, help="diffusion noise temperature(s), > 0 (default: 1)")
+    p.add_argument("--cfg-schedule", choices=("linear", "constant"))
+    fast = p.add_argument_group("sampler options (opt-in; the defaults are the run's, else the exact reference)")
+    fast.add_argument("--precision", choices=tuple(PRECISIONS), help="autocast dtype of the generator and head")
+    fast.add_argument("--sampler", choices=("ddpm", "ddim"), help="diffusion sampler of the head")
+    fast.add_argument("--eta", type=float, help="DDIM noise (0 = deterministic)")
+    fast.add_argument("--diffusion-steps", type=int, nargs=2, metavar=("FIRST", "LAST"),
+                      help="diffusion steps annealed from the first to the last MAR iteration (e.g. 50 10)")
+    fast.add_argument("--diffusion-steps-shape", choices=("linear", "cosine"), help="shape of that annealing")
+    fast.add_argument("--clip-denoised", type=parse_clip_denoised, metavar="R|off",
+                      help="guard: clamp the head's predicted x0 to [-R, R] at every diffusion step (token units); "
+                           "'off' = the reference sampler (default: the run's sample.clip_denoised, else off)")
+
+
+def run_from_args(args: argparse.Namespace, default=None) -> Run:
+    """``load_run`` with the weights flags (``default``: the run used when neither --run nor --checkpoint is given)."""
+    source = args.checkpoint or args.run
+    kwargs = {} if default is None else {"default": default}
+    return load_run(source, model=args.model, tokenizer=args.tokenizer, tokenizer_preset=args.tokenizer_preset,
+                    ema=args.ema, num_sampling_steps=args.num_sampling_steps, **kwargs)
+
+
+def options_from_args(args: argparse.Namespace, defaults: SampleConfig) -> SamplingOptions:
+    """The sampler options: each flag given wins over the run's ``sample:`` value (``--clip-denoised off`` = None)."""
+    given = {"sampler": args.sampler, "eta": args.eta, "precision": args.precision,
+             "diffusion_steps_schedule": tuple(args.diffusion_steps) if args.diffusion_steps else None,
+             "diffusion_steps_shape": args.diffusion_steps_shape,
+             "clip_denoised": None if args.clip_denoised is None else (args.clip_denoised or "off")}
+    values = {k: getattr(defaults, k) if v is None else v for k, v in given.items()}
+    if values["clip_denoised"] == "off":
+        values["clip_denoised"] = None
+    if args.sampler == "ddpm" and args.eta is None:
+        values["eta"] = 0.0  # asking for ddpm drops a run's DDIM eta
+    return SamplingOptions(**values)

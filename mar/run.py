@@ -1,0 +1,218 @@
+"""The one run loader: weights, tokenizer and config from a run folder, a safetensors export or a checkpoint.
+
+    run = load_run("runs/fmnist/mar")                                  # a train.py output folder (EMA export)
+    run = load_run("pretrained/fmnist")                                # the shipped Fashion-MNIST weights
+    run = load_run("checkpoint-last.pth", model="mar_base", tokenizer="kl16.ckpt")   # published MAR-B, KL-16
+    images = run.tokenizer.decode(run.model.sample_tokens(4, num_iter=64, cfg=2.9, ...))
+
+What can be given, and what is found:
+- a **run folder**: its ``mar_ema.safetensors`` (EMA weights with the training config and tokenizer config in
+  the metadata), or with ``ema=False`` / while it trains, its latest ``checkpoints/step-*.pt``; the tokenizer
+  is the folder's ``tokenizer.safetensors``, else the config's ``tokenizer.checkpoint``;
+- a **file**: a safetensors export, a project ``.pt`` checkpoint (EMA or raw weights, with its config), or a
+  published ``checkpoint-last.pth`` (pickled ``argparse`` args: read with only that class allowed; no config,
+  so ``model=`` names the preset and the other sizes are read off the tensors' shapes);
+- ``tokenizer``: a project tokenizer ``.safetensors`` or an LDM-format VAE (``kl16.ckpt``, ``tokenizer_preset``).
+
+The model comes back in eval mode with the weights loaded strictly (a mismatch is one message naming the
+likely preset); with the training config's tokenizer config checked against the tokenizer file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mar.config.schema import SampleConfig
+from mar.engine.checkpoint import (CheckpointError, find_latest_checkpoint, load_checkpoint,
+                                   load_reference_mar_state_dict, read_safetensors)
+from mar.model import MAR
+from mar.registry import PRESETS, create_model, load_state_dict_strict
+from tokenizers import KLTokenizer, KLVAEConfig, open_tokenizer
+
+SHIPPED_RUN = Path(__file__).resolve().parents[1] / "pretrained" / "fmnist"  # the embedded default's weights
+EXPORT_NAME, TOKENIZER_NAME = "mar_ema.safetensors", "tokenizer.safetensors"
+
+
+@dataclass
+class Run:
+    """A loaded model: ``model`` (eval), ``tokenizer`` (eval), the training ``config`` (plain dict, None for a
+    published file), ``preset`` and the ``model_kwargs`` it was built with, and where everything came from."""
+
+    model: MAR
+    tokenizer: KLTokenizer
+    config: dict | None
+    preset: str
+    model_kwargs: dict
+    weights: Path
+    tokenizer_path: Path
+    run_dir: Path | None
+    ema: bool
+    state_dict: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+
+    @property
+    def sample_defaults(self) -> SampleConfig:
+        """The run's ``sample:`` section (its own cfg, num_iter, guard...), or the library defaults."""
+        return SampleConfig(**((self.config or {}).get("sample") or {}))
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name if self.run_dir is not None else f"{self.preset}_{self.weights.stem}"
+
+    def to(self, device) -> Run:
+        self.model.to(device)
+        self.tokenizer.to(device)
+        return self
+
+
+def load_run(source: str | Path | None = None, *, model: str | None = None, tokenizer: str | Path | None = None,
+             tokenizer_preset: str = "kl16", ema: bool = True, num_sampling_steps: int | None = None,
+             default: Path | None = SHIPPED_RUN) -> Run:
+    """Load ``source`` (a run folder or a weights file; None = ``default``, the shipped weights) as a ``Run``.
+
+    ``model`` names the preset of a config-less (published) checkpoint; ``num_sampling_steps`` rebuilds the
+    head's sampler with that many diffusion steps.
+    """
+    weights, run_dir = resolve_weights(source, ema, default)
+    state, config, tok_meta = read_weights(weights, ema)
+    tok_path = find_tokenizer(tokenizer, run_dir, config, weights)
+    tok = load_tokenizer(tok_path, KLVAEConfig.from_dict(tok_meta) if tok_meta else None, config, tokenizer_preset)
+    mar, preset, kwargs = build_model(state, config, model, tok, weights, num_sampling_steps)
+    return Run(mar, tok.eval(), config, preset, kwargs, weights, tok_path, run_dir, ema, state)
+
+
+def resolve_weights(source, ema: bool, default: Path | None) -> tuple[Path, Path | None]:
+    """(weights file, run folder or None)."""
+    if source is None:
+        if default is None or not (default / EXPORT_NAME).is_file():
+            raise ValueError("no weights given: pass --run RUN_DIR (a train.py output folder), or --checkpoint FILE "
+                             "--model PRESET --tokenizer FILE (published: checkpoint-last.pth, mar_base, kl16.ckpt)")
+        source = default
+    source = Path(source)
+    if source.is_file():
+        return source, None
+    if not source.is_dir():
+        raise FileNotFoundError(f"{'run folder' if not source.suffix else 'checkpoint'} not found: {source}")
+    if ema and (source / EXPORT_NAME).is_file():
+        return source / EXPORT_NAME, source
+    latest = find_latest_checkpoint(source)  # a run still training, or ema=False (the export holds EMA weights only)
+    if latest is None:
+        raise FileNotFoundError(f"{source} has no {EXPORT_NAME + ' or ' if ema else ''}checkpoints/step-*.pt"
+                                f"{'' if ema else ' (--no-ema needs a training checkpoint)'}")
+    return latest, source
+
+
+def read_weights(path: Path, ema: bool) -> tuple[dict, dict | None, dict | None]:
+    """(MAR state dict, training config or None, tokenizer config or None) of .safetensors/.pt/.pth weights."""
+    if path.suffix == ".safetensors":
+        state, meta = read_safetensors(path)
+        want = "ema" if ema else "model"
+        if meta.get("weights", want) != want:
+            raise CheckpointError(f"{path} holds the '{meta['weights']}' weights only: "
+                                  f"pass {'--no-ema' if ema else '--ema'}")
+        return state, *(json.loads(meta[k]) if k in meta else None for k in ("config", "tokenizer"))
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        unsafe = []
+    if unsafe:  # a published reference file (pickled argparse args): no config of ours
+        return load_reference_mar_state_dict(path, ema=ema), None, None
+    ckpt = load_checkpoint(path)
+    names = ("model_ema", "ema") if ema else ("model",)
+    state = next((ckpt[n] for n in names if isinstance(ckpt.get(n), dict)), None)
+    if state is None:
+        raise CheckpointError(f"{path} has no {' or '.join(names)} weights (keys: {', '.join(map(str, ckpt))}); "
+                              f"try {'--no-ema' if ema else '--ema'}")
+    return state, ckpt.get("config"), None
+
+
+def find_tokenizer(given, run: Path | None, config: dict | None, weights: Path) -> Path:
+    """The tokenizer file: as given, the run folder's, or the training config's ``tokenizer.checkpoint``."""
+    if given:
+        return Path(given)
+    if run is not None and (run / TOKENIZER_NAME).is_file():
+        return run / TOKENIZER_NAME
+    path = ((config or {}).get("tokenizer") or {}).get("checkpoint")
+    if path:
+        for cand in (Path(path), weights.parent / path, (run or weights.parent) / Path(path).name):
+            if cand.is_file():
+                return cand
+        raise FileNotFoundError(f"tokenizer {path} (from the training config) not found: pass --tokenizer FILE")
+    raise ValueError("no tokenizer: pass --tokenizer FILE (kl16.ckpt for the published models, or your run's "
+                     "tokenizer .safetensors)")
+
+
+def load_tokenizer(path: Path, expected: KLVAEConfig | None, config: dict | None, preset: str) -> KLTokenizer:
+    """The tokenizer file, checked against ``expected`` (the config the model was trained with, from the export's
+    metadata); an LDM-format file is read with that config, else the training config's preset and channels."""
+    t = (config or {}).get("tokenizer") or {}
+    tok = open_tokenizer(path, expected or t.get("preset", preset), t.get("in_channels"))
+    if expected is not None:  # the model was trained with this tokenizer config (incl. its scaling factor)
+        if dataclasses.replace(tok.config, scaling_factor=expected.scaling_factor) != expected:
+            raise ValueError(f"tokenizer {path} is not the one the model was trained with ({tok.config} vs {expected})")
+        tok.config = expected
+    elif t.get("scaling_factor") is not None:
+        tok.config = dataclasses.replace(tok.config, scaling_factor=t["scaling_factor"])
+    return tok
+
+
+def build_model(state: dict, config: dict | None, preset: str | None, tok: KLTokenizer, path: Path, steps
+                ) -> tuple[MAR, str, dict]:
+    """(MAR with the weights loaded, preset, kwargs): sizes from our config, or from ``preset`` and the shapes."""
+    if config is not None:
+        kwargs = dict(config["model"])
+        own = kwargs.pop("preset")
+        if preset and preset != own:
+            raise ValueError(f"{path} holds a {own} model (from its config) but --model says {preset}: drop --model")
+        for key, value in (("vae_stride", tok.stride), ("token_channels", tok.latent_channels)):
+            if kwargs.pop(key) != value:
+                raise ValueError(f"the model was trained with {key}={config['model'][key]}, the tokenizer has {value}: "
+                                 "pass the tokenizer of the run with --tokenizer")
+        preset = own
+    elif not preset:
+        raise ValueError(f"{path} has no config: pass --model PRESET ({guess_preset(state)})")
+    else:
+        kwargs = infer_kwargs(state, tok.latent_channels, tok.stride, str(path))
+    if steps is not None:
+        kwargs["num_sampling_steps"] = str(steps)
+    model = create_model(preset, vae_stride=tok.stride, token_channels=tok.latent_channels, **kwargs)
+    try:
+        load_state_dict_strict(model, state, source=str(path))
+    except ValueError as e:
+        raise ValueError(f"--model {preset}: {e} ({guess_preset(state)})") from None
+    return model.eval(), preset, kwargs
+
+
+def guess_preset(state: dict[str, torch.Tensor]) -> str:
+    """Which preset's sizes a MAR state dict has, as words for error messages."""
+    try:
+        width = state["z_proj.weight"].shape[0]
+        depth = len({k.split(".")[1] for k in state if k.startswith("encoder_blocks.")})
+        head = (len({k.split(".")[3] for k in state if k.startswith("diffloss.net.res_blocks.")}),
+                state["diffloss.net.input_proj.weight"].shape[0])
+    except KeyError:
+        return "it is not a MAR state dict"
+    for name, p in PRESETS.items():
+        sizes = (p["encoder_embed_dim"], p["encoder_depth"], p["diffloss_depth"], p["diffloss_width"])
+        if sizes == (width, depth, *head):
+            return f"it looks like {name}"
+    return f"width {width}, depth {depth}, DiffLoss {head[0]}x{head[1]}: no preset has these sizes"
+
+
+def infer_kwargs(state: dict[str, torch.Tensor], token_channels: int, vae_stride: int, source: str) -> dict[str, int]:
+    """num_classes, buffer_size, patch_size and img_size of a config-less (published) MAR state dict:
+    class_emb (K, D); diffusion_pos_embed (1, L, D); encoder_pos_embed (1, P+L, D); z_proj (D, C*p*p)."""
+    try:
+        classes, pos, enc, zproj = (state[k].shape for k in ("class_emb.weight", "diffusion_pos_embed_learned",
+                                                             "encoder_pos_embed_learned", "z_proj.weight"))
+    except KeyError as e:
+        raise ValueError(f"{source} is not a MAR state dict (no {e})") from None
+    side, patch = math.isqrt(pos[1]), math.isqrt(zproj[1] // token_channels)
+    if side * side != pos[1] or patch * patch * token_channels != zproj[1]:
+        raise ValueError(f"{source}: token width {zproj[1]} does not fit a tokenizer with {token_channels} channels")
+    return {"num_classes": classes[0], "buffer_size": enc[1] - pos[1], "patch_size": patch,
+            "img_size": side * patch * vae_stride}

@@ -25,12 +25,20 @@ from pathlib import Path
 
 import torch
 
-from mar import io
-from mar.eval import sample_folders as sampling
+from accelerate import Accelerator
+
+from mar import cli, io
+from mar.engine.dist import lock_folder, shutdown
+from mar.engine.loop import check_launch
 from mar.eval.classifier import (ClassifierConfig, FashionClassifier, class_accuracy, fashion_mnist_uint8,
                             save_classifier, train_classifier)
 from mar.engine.data import FASHION_MNIST_ROOT
 from mar.eval.metrics import compute_reference_stats, score_folder
+from mar.eval.sample_folders import SETTINGS_FORMAT, default_num_images
+from mar.eval.sample_job import Setting, fill_folder
+from mar.eval.sweep import score_settings, write_report, write_sweep
+from mar.io import FolderBusy, describe_os_error
+from mar.schedules import check_guidance
 
 
 class UsageError(Exception):
@@ -55,12 +63,6 @@ def add_feature_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per feature-extraction batch")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     p.add_argument("--verbose", action="store_true", help="torch-fidelity progress on stderr")
-
-
-def clip_arg(text: str) -> str:
-    """--clip-denoised of a sweep, checked here (one line) and handed to sample.py as given."""
-    sampling.parse_clip_denoised(text)
-    return text
 
 
 def feature_kwargs(args: argparse.Namespace) -> dict:
@@ -117,89 +119,55 @@ def cmd_train_classifier(args: argparse.Namespace) -> dict:
     return summary
 
 
-def _primary(metrics: dict) -> str:
-    """The metric a sweep ranks by: the Frechet distance of the chosen features (lower is better)."""
-    return next(k for k in ("fid", "fd_fmnist") if k in metrics)
-
-
 def cmd_sweep(args: argparse.Namespace) -> dict:
-    """Sample every cfg x temperature setting with sample.py, score each folder, tabulate, plot, pick the best."""
-    import csv
-
-    import sample
-    from mar.eval.plot import line_plot
-
+    """Sample every cfg x temperature setting (mar.eval.sample_job), score each folder, tabulate, plot, pick the best."""
     if (args.ref is None) == (args.ref_stats is None):
         raise UsageError("sweep needs exactly one of --ref (images or fashion_mnist:SPLIT) and --ref-stats (file)")
-    out = os.path.abspath(args.out)
-    argv = ["--out", out, "--cfg", *map(str, args.cfg), "--temperature", *map(str, args.temperature),
-            "--batch-size", str(args.sample_batch_size), "--seed", str(args.seed)]
-    for flag in ("run", "checkpoint", "model", "tokenizer", "num_images", "per_class", "num_iter", "num_sampling_steps",
-                 "cfg_schedule", "precision", "sampler", "eta", "clip_denoised"):
-        value = getattr(args, flag)
-        if value is not None:
-            argv += [f"--{flag.replace('_', '-')}", str(value)]
-    if args.diffusion_steps:
-        argv += ["--diffusion-steps", *map(str, args.diffusion_steps)]
     if len(args.cfg) * len(args.temperature) < 2:
         raise UsageError("a sweep needs at least two settings: give several --cfg and/or --temperature values")
-    if sample.main(argv) != 0:
-        raise UsageError("sampling failed (see the message above)")
-    ref_stats = args.ref_stats
-    if ref_stats is None:  # reference statistics once, reused by every setting
-        ref_stats = os.path.join(out, f"reference_{args.features}.safetensors")
-        if not os.path.exists(ref_stats):
-            compute_reference_stats(args.ref, ref_stats, format="ours", **feature_kwargs(args))
-    rows = []
+    if min(v for v in (args.sample_batch_size, args.num_images, args.per_class) if v is not None) < 1:
+        raise UsageError("--sample-batch-size, --num-images and --per-class must be >= 1")
+    features = feature_kwargs(args)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    check_launch(acc.num_processes)
+    run = cli.run_from_args(args).to(acc.device)
+    classes = list(range(run.model.num_classes))
+    n = args.per_class * len(classes) if args.per_class else args.num_images or default_num_images(len(classes))
+    defaults = run.sample_defaults
+    options = cli.options_from_args(args, defaults)
+    num_iter = args.num_iter or min(defaults.num_iter, run.model.seq_len)
     for cfg in args.cfg:
         for temperature in args.temperature:
-            folder = os.path.join(out, f"cfg{float(cfg)}_temp{float(temperature)}")
-            result = score_folder(folder, ref_stats=ref_stats, metrics=["fid", "isc"], **feature_kwargs(args))
-            with open(os.path.join(folder, "settings.json")) as f:
-                speed = json.load(f).get("seconds_per_image")
-            rows.append({"cfg": cfg, "temperature": temperature, **result["metrics"], "seconds_per_image": speed,
-                         "num_images": result["meta"].get("num_gen"), "folder": folder})
-    key = _primary(rows[0])
-    best = min(rows, key=lambda r: r[key])
-    with open(os.path.join(out, "sweep.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    plots = {}
-    for metric in [key] + [m for m in ("class_accuracy", "is_mean", "is_fmnist_mean") if m in rows[0]]:
-        series = {f"temperature {t:g}": ([r["cfg"] for r in rows if r["temperature"] == t],
-                                         [r[metric] for r in rows if r["temperature"] == t]) for t in args.temperature}
-        plots[metric] = os.path.join(out, f"sweep_{metric}.png")
-        line_plot(series, plots[metric], title=f"{metric} vs cfg ({rows[0].get('num_images', '')} images per setting)",
-                  xlabel="cfg", ylabel=metric + (" (lower is better)" if metric == key else ""))
-    summary = {"primary_metric": key, "best": best, "rows": rows, "plots": plots, "reference": ref_stats}
-    write_json(summary, os.path.join(out, "sweep.json"))
+            check_guidance(cfg, temperature)
+    out = Path(args.out).resolve()
+    record = {"format": SETTINGS_FORMAT, "num_images": n, "label_rule": "label(i) = classes[i % len(classes)]",
+              "weights": {"mar": str(run.weights.resolve()), "tokenizer": str(run.tokenizer_path.resolve())}}
+    folders = []
+    with lock_folder(out, acc, what="evaluate.py sweep"):
+        for cfg in args.cfg:
+            for temperature in args.temperature:
+                setting = Setting(cfg, temperature, num_iter, args.cfg_schedule or defaults.cfg_schedule, options)
+                folder = out / setting.folder_name()
+                fill_folder(acc, run, folder, setting, classes, n, args.seed, args.sample_batch_size, record,
+                            command=["evaluate.py", "sweep", *args.argv])
+                folders.append((cfg, temperature, folder))
+        if not acc.is_main_process:
+            return {}
+        ref_stats = args.ref_stats
+        if ref_stats is None:  # reference statistics once, reused by every setting
+            ref_stats = str(out / f"reference_{args.features}.safetensors")
+            if not os.path.exists(ref_stats):
+                compute_reference_stats(args.ref, ref_stats, format="ours", **features)
+        features.pop("fmnist_root", None)
+        summary = write_sweep(score_settings(folders, ref_stats, features), out, ref_stats, args.temperature)
+    print(json.dumps(summary, indent=2))
+    best, key = summary["best"], summary["primary_metric"]
     print(f"best setting by {key}: cfg {best['cfg']}, temperature {best['temperature']} -> {best[key]:.4g}",
           file=sys.stderr)
     if args.report:
         write_report(summary, args.report)
+        print(f"wrote {args.report}", file=sys.stderr)
     return summary
-
-
-def write_report(summary: dict, path: str) -> None:
-    """A short markdown report of a sweep: the table, the best setting's grid and the plots."""
-    rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(path)))  # noqa: E731
-    rows, key, best = summary["rows"], summary["primary_metric"], summary["best"]
-    cols = [c for c in (key, "class_accuracy", "is_mean", "is_fmnist_mean", "seconds_per_image") if c in rows[0]]
-    lines = ["# Sweep report", "", f"Ranked by `{key}` (lower is better); reference statistics: "
-             f"`{rel(summary['reference'])}`.", "", "| cfg | temperature | " + " | ".join(cols) + " |",
-             "|---|---|" + "---|" * len(cols)]
-    for r in rows:
-        mark = " **(best)**" if r is best else ""
-        lines.append(f"| {r['cfg']:g} | {r['temperature']:g}{mark} | "
-                     + " | ".join("" if r[c] is None else f"{r[c]:.4g}" for c in cols) + " |")
-    lines += ["", f"Best: cfg {best['cfg']:g}, temperature {best['temperature']:g}.", "",
-              f"![samples at the best setting]({rel(os.path.join(best['folder'], 'grid.png'))})", ""]
-    lines += [f"![{m} vs cfg]({rel(p)})" for m, p in summary["plots"].items()]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {path}", file=sys.stderr)
 
 
 def build_parser() -> Parser:
@@ -238,26 +206,16 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_train_classifier)
 
     p = sub.add_parser("sweep", help="sample + score a grid of cfg x temperature; table, plot and best setting")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--run", help="train.py output folder (default: sample.py's default weights)")
-    src.add_argument("--checkpoint", help="MAR weights (ours or the published checkpoint-last.pth)")
-    p.add_argument("--model", help="MAR preset for published checkpoints")
-    p.add_argument("--tokenizer", help="KL-VAE file (kl16.ckpt or a project .safetensors)")
+    cli.add_weights_args(p, "sample.py's default weights")
     p.add_argument("--cfg", type=float, nargs="+", required=True)
     p.add_argument("--temperature", type=float, nargs="+", default=[1.0])
     n = p.add_mutually_exclusive_group()
     n.add_argument("--num-images", type=int, help="images per setting")
     n.add_argument("--per-class", type=int, help="images per class and setting")
     p.add_argument("--num-iter", type=int)
-    p.add_argument("--num-sampling-steps", type=int)
     p.add_argument("--cfg-schedule", choices=("linear", "constant"))
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), help="fast path: diffusion sampler of the head")
-    p.add_argument("--eta", type=float, help="fast path: DDIM noise")
-    p.add_argument("--diffusion-steps", type=int, nargs=2, metavar=("FIRST", "LAST"),
-                   help="fast path: diffusion steps annealed over the MAR iterations")
-    p.add_argument("--clip-denoised", metavar="R|off", type=clip_arg,
-                   help="guard: clamp the predicted x0 to [-R, R] ('off' = reference; default: the run's config)")
+    fast = p.add_argument_group("sampler options (opt-in; the defaults are the run's, else the exact reference)")
+    cli.add_option_args(fast)
     p.add_argument("--sample-batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     ref = p.add_mutually_exclusive_group()
@@ -272,13 +230,18 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; user errors (bad arguments, missing or wrong files) -> one stderr line, return 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv[1:]
         args.func(args)
-    except (UsageError, ValueError, OSError) as e:
-        message = " ".join(str(e).split()) or type(e).__name__
+    except (UsageError, ValueError, OSError, FolderBusy) as e:
+        text = describe_os_error(e) if isinstance(e, OSError) and e.errno else str(e)
+        message = " ".join(text.split()) or type(e).__name__
         print(message if isinstance(e, UsageError) else f"evaluate.py: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        shutdown()
     return 0
 
 

@@ -48,7 +48,12 @@ def add_generation_args(p: argparse.ArgumentParser, lists: bool = True) -> None:
     p.add_argument("--cfg", type=float, **many, help="guidance scale(s), >= 0 (default: the run's, else 1)")
     p.add_argument("--temperature", type=float, **many, help="diffusion noise temperature(s), > 0 (default: 1)")
     p.add_argument("--cfg-schedule", choices=("linear", "constant"))
-    fast = p.add_argument_group("sampler options (opt-in; the defaults are the run's, else the exact reference)")
+    add_option_args(p.add_argument_group("sampler options (opt-in; the defaults are the run's, else the exact "
+                                         "reference)"))
+
+
+def add_option_args(fast) -> None:
+    """The ``SamplingOptions`` flags (each defaults to the run's ``sample:`` value)."""
     fast.add_argument("--precision", choices=tuple(PRECISIONS), help="autocast dtype of the generator and head")
     fast.add_argument("--sampler", choices=("ddpm", "ddim"), help="diffusion sampler of the head")
     fast.add_argument("--eta", type=float, help="DDIM noise (0 = deterministic)")

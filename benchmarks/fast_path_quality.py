@@ -12,14 +12,13 @@ precision/recall) and its class accuracy. Numbers compare only runs scored with 
         --variant exact "precision=bf16" "sampler=ddim,steps=25" "anneal=100-10" \
                   "sampler=ddim,anneal=50-10,precision=bf16" --out runs/fast_path_quality
 
-The tokenizer comes from the weights file's training config (``tokenizer.checkpoint``) unless
-``--tokenizer`` is given; so does the sampler guard (``sample.clip_denoised``, applied to every variant)
+The weights are read by ``mar.run.load_run`` (any run folder or weights file); the tokenizer comes from the
+run (``tokenizer.checkpoint`` of its config) unless ``--tokenizer`` is given; so does the sampler guard (``sample.clip_denoised``, applied to every variant)
 unless ``--clip-denoised R|off`` is given. Results are printed as a table and written to <out>/results.json.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import time
 from pathlib import Path
@@ -27,34 +26,11 @@ from pathlib import Path
 import torch
 
 from common import machine_line, parse_variant
-from mar import create_model
-from mar.engine.checkpoint import read_safetensors
+from mar.cli import parse_clip_denoised
 from mar.engine.data import item_seed
-from mar.io import save_grid, save_png
 from mar.eval.metrics import score_folder
-from mar.registry import load_state_dict_strict
-from mar.eval.sample_folders import effective_clip_denoised, parse_clip_denoised
-from tokenizers import KLTokenizer, kl_vae_preset
-
-
-def load_model(weights: str, tokenizer: str | None = None):
-    """(MAR in eval mode, KLTokenizer, training config dict) from a ``mar_ema.safetensors`` written by train.py."""
-    state, meta = read_safetensors(weights)
-    if "config" not in meta:
-        raise ValueError(f"{weights} has no training config in its metadata: use the mar_ema.safetensors that "
-                         "train.py writes at the end of a task=mar run")
-    cfg = json.loads(meta["config"])
-    model_args = {k: v for k, v in cfg["model"].items() if v is not None}
-    model = create_model(model_args.pop("preset"), **model_args)
-    load_state_dict_strict(model, state, source=weights)
-    path = tokenizer or cfg["tokenizer"]["checkpoint"]
-    if path is None:
-        raise ValueError("no tokenizer: pass --tokenizer PATH (the tokenizer.safetensors of the run)")
-    if str(path).endswith(".safetensors"):
-        tok = KLTokenizer.load(path)
-    else:
-        tok = KLTokenizer.from_ldm_checkpoint(path, kl_vae_preset(cfg["tokenizer"]["preset"]))
-    return model.eval(), tok.eval(), cfg
+from mar.io import save_grid, save_png, write_json
+from mar.run import load_run
 
 
 def folder_name(spec: str) -> str:
@@ -88,7 +64,7 @@ def generate(model, tok, variant: dict, out: Path, num_images: int, batch: int, 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, help="mar_ema.safetensors of a trained task=mar run")
+    p.add_argument("--weights", required=True, help="a run folder or mar_ema.safetensors of a task=mar run")
     p.add_argument("--tokenizer", help="tokenizer file (default: the run config's tokenizer.checkpoint)")
     p.add_argument("--classifier", required=True, help="Fashion-MNIST classifier (evaluate.py train-classifier)")
     p.add_argument("--ref", default="fashion_mnist:test", help="reference images (a folder, .npz, fashion_mnist:SPLIT)")
@@ -106,12 +82,13 @@ def main(argv=None) -> None:
     p.add_argument("--clip-denoised", metavar="R|off", type=parse_clip_denoised,
                    help="sampler guard for every variant (default: the run's sample.clip_denoised)")
     a = p.parse_args(argv)
-    model, tok, run_config = load_model(a.weights, a.tokenizer)
-    clip = effective_clip_denoised(a.clip_denoised, run_config.get("sample", {}).get("clip_denoised"))
+    run = load_run(a.weights, tokenizer=a.tokenizer)
+    model, tok = run.model, run.tokenizer
+    clip = run.sample_defaults.clip_denoised if a.clip_denoised is None else (a.clip_denoised or None)
     out = Path(a.out)
     print(machine_line())
     print(f"# {a.weights}: {a.num_images} images per variant, batch {a.batch}, num_iter {a.num_iter}, cfg {a.cfg}, "
-          f"temperature {a.temperature}, diffusion steps {model.diffloss.num_sampling_steps} on the exact path, "
+          f"temperature {a.temperature}, diffusion steps {model.head.num_sampling_steps} on the exact path, "
           f"clip_denoised {clip}")
     results = {}
     for spec in a.variant:
@@ -122,7 +99,7 @@ def main(argv=None) -> None:
                               metrics=a.metrics, features="fmnist", classifier=a.classifier,
                               kid_subset_size=min(1000, a.num_images), fmnist_root=a.fmnist_root)
         results[spec] = {**times, "s_per_image": times["sample_s"] / a.num_images, **scores["metrics"]}
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        write_json(results, out / "results.json")
     base = results[a.variant[0]]["s_per_image"]
     names = [k for k in ("fd_fmnist", "class_accuracy", "is_fmnist_mean", "kd_fmnist_mean", "precision_fmnist",
                          "recall_fmnist") if any(k in r for r in results.values())]

@@ -23,10 +23,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mar.eval.classifier import fashion_mnist_uint8, read_classifier_metadata  # noqa: E402
-from mar.io import save_png  # noqa: E402
 from mar.eval.metrics import compute_reference_stats, score_folder  # noqa: E402
-from mar.io import write_json  # noqa: E402
-from tokenizers import KLTokenizer  # noqa: E402
+from mar.io import save_png, write_json  # noqa: E402
+from tokenizers import open_tokenizer  # noqa: E402
 
 
 def complete(folder: Path, num: int) -> bool:
@@ -44,7 +43,7 @@ def write_set(images: torch.Tensor, labels: torch.Tensor, folder: Path, desc: st
 
 
 @torch.no_grad()
-def reconstruct(tok: KLTokenizer, images: torch.Tensor, seed: int, batch: int = 250) -> torch.Tensor:
+def reconstruct(tok, images: torch.Tensor, seed: int, batch: int = 250) -> torch.Tensor:
     """decode(posterior sample of encode(x)) as uint8 (N, H, W); x uint8 (N, H, W)."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -70,7 +69,7 @@ def main(argv=None) -> int:
     if not 1 <= args.num <= len(images):
         p.error(f"--num must be in [1, {len(images)}]")
     images, labels = images[:args.num], labels[:args.num]
-    tok = KLTokenizer.load(args.tokenizer).eval()
+    tok = open_tokenizer(args.tokenizer).eval()
     write_set(images, labels, out / "real", "real")
     if not complete(out / "recon", args.num):  # reconstructing is the slow part
         write_set(reconstruct(tok, images, args.seed), labels, out / "recon", "recon")

@@ -32,7 +32,6 @@ from mar.orders import known_first, make_orders
 from mar.schedules import cfg_scales, check_guidance, generation_schedule
 
 
-
 def _select(generator, rows: list[int]):
     return [generator[r] for r in rows] if isinstance(generator, (list, tuple)) else generator
 

@@ -100,13 +100,16 @@ class MAR(nn.Module):
         self.initialize_weights(generator)
 
         # The head (initialised by itself, after the transformer, as in the reference).
+        if hasattr(type(self), head.module_name):
+            raise ValueError(f"a head cannot be registered as {head.module_name!r}: the generator has an attribute of "
+                             "that name; give its spec another module_name")
         self._head_name = head.module_name
         self.add_module(head.module_name, head.build(self.token_embed_dim, decoder_embed_dim, generator))
 
     @property
     def head(self) -> nn.Module:
         """The per-token head (``mar.heads.Head``), registered under its spec's ``module_name``."""
-        return getattr(self, self._head_name)
+        return self._modules[self._head_name]
 
     @property
     def diffusion_batch_mul(self) -> int:
@@ -129,7 +132,10 @@ class MAR(nn.Module):
 
     # ---------------------------------------------------------------- tokens <-> sequences
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, c, H, W) -> (B, L, c*p*p): row-major over positions, channel-major inside a token."""
+        """(B, c, H, W) -> (B, L, c*p*p): row-major over positions, channel-major inside a token.
+        Discrete tokens (code indices) (B, h, w) -> (B, L), row-major (patch_size 1)."""
+        if x.dim() == 3:
+            return x.flatten(1)
         b, c, h, w = x.shape
         p = self.patch_size
         x = x.reshape(b, c, h // p, p, w // p, p)
@@ -137,7 +143,9 @@ class MAR(nn.Module):
         return x.reshape(b, (h // p) * (w // p), c * p * p)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, L, c*p*p) -> (B, c, H, W); the inverse of :meth:`patchify`."""
+        """(B, L, c*p*p) -> (B, c, H, W); the inverse of :meth:`patchify` (codes (B, L) -> (B, h, w))."""
+        if x.dim() == 2:
+            return x.reshape(x.shape[0], self.seq_h, self.seq_w)
         b, p, h, w = x.shape[0], self.patch_size, self.seq_h, self.seq_w
         x = x.reshape(b, h, w, self.token_channels, p, p)
         x = torch.einsum("nhwcpq->nchpwq", x)

@@ -7,6 +7,7 @@ subprocesses, as users do (the script sets MKL's reproducible mode for its own p
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -19,14 +20,18 @@ import torch
 from PIL import Image
 
 import sample
+from helpers import run_launched
 from mar import create_model
+from mar import run as run_loader
 from mar.eval import sample_folders as sampling
+from mar.pipeline import decode_each, label_of
 from mar.engine.checkpoint import export_safetensors, read_safetensors, save_checkpoint
 from mar.config import TrainConfig, config_to_dict, load_config
 from tokenizers import KLTokenizer, kl_vae_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 10  # images of the reference run (one per class)
+DONE = re.compile(r"images in [0-9.]+ s: .*images/s|nothing generated")  # a setting's last line (main process)
 TINY = dict(img_size=32, vae_stride=4, token_channels=4, num_classes=10, buffer_size=8, num_sampling_steps="5")
 
 
@@ -87,7 +92,10 @@ def run_script(files, out, *args, processes=1):
                     str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                     "--main_process_port", str(free_port())]
     cmd = [*launcher, str(ROOT / "sample.py"), "--run", str(files / "run"), "--out", str(out), *args]
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    if processes == 1:
+        proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    else:  # a rank hanging at exit fails fast, with the output, and none is orphaned
+        proc = run_launched(cmd, env=env(), timeout=300, grace=60, done_marker=DONE)
     assert proc.returncode == 0, f"sample.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -283,7 +291,7 @@ def test_conflicting_options_exit_2(files, capsys):
 
 # ---------------------------------------------------------------- pure helpers
 def test_labels_and_grid_layout():
-    assert [sampling.label_of(i, [3, 7]) for i in range(5)] == [3, 7, 3, 7, 3]
+    assert [label_of(i, [3, 7]) for i in range(5)] == [3, 7, 3, 7, 3]
     assert sampling.sample_name(12, [3, 7]) == "000012_c003.png"
     assert sampling.default_num_images(10) == 80 and sampling.default_num_images(1000) == 64
     # 3 classes, 7 images: 2 columns of each class, rows by class (indices 0,3 | 1,4 | 2,5)
@@ -321,7 +329,7 @@ def test_decoding_does_not_depend_on_the_batch():
     seq = torch.randn(8, model.seq_len, model.token_embed_dim, generator=torch.Generator().manual_seed(1))
     batch, single = model.unpatchify(seq), model.unpatchify(seq[:1])
     assert batch.stride() != single.stride()
-    a, b = sampling.decode_each(tok, batch), sampling.decode_each(tok, single)
+    a, b = decode_each(tok, batch), decode_each(tok, single)
     assert torch.equal(a[:1], b)
     assert torch.equal(a, torch.cat([tok.decode(batch[j:j + 1].contiguous()) for j in range(8)]))
 
@@ -330,11 +338,11 @@ def test_sizes_from_a_state_dict():
     model = create_model("mar_tiny", img_size=48, vae_stride=8, token_channels=4, patch_size=2, num_classes=7,
                          buffer_size=5)
     state = model.state_dict()
-    assert sampling.infer_kwargs(state, 4, 8, "x") == dict(num_classes=7, buffer_size=5, patch_size=2, img_size=48)
-    assert sampling.guess_preset(state) == "it looks like mar_tiny"
+    assert run_loader.infer_kwargs(state, 4, 8, "x") == dict(num_classes=7, buffer_size=5, patch_size=2, img_size=48)
+    assert run_loader.guess_preset(state) == "it looks like mar_tiny"
     with torch.device("meta"):
-        assert sampling.guess_preset(create_model("mar_base").state_dict()) == "it looks like mar_base"
-    assert sampling.guess_preset({"x": torch.zeros(1)}) == "it is not a MAR state dict"
+        assert run_loader.guess_preset(create_model("mar_base").state_dict()) == "it looks like mar_base"
+    assert run_loader.guess_preset({"x": torch.zeros(1)}) == "it is not a MAR state dict"
 
 
 def test_evaluate_sweep_table_plot_report_and_best(files, tmp_path, capsys):

@@ -2,6 +2,7 @@
 non-finite losses and config errors. Runs the real entry point in subprocesses."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,8 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import run_launched
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "fashion-mnist"
+DONE = re.compile(r"wrote \S*(mar_ema|tokenizer)\.safetensors")  # finish()'s last line: the work is done
 TINY = f"""
 task: mar
 model: {{preset: mar_tiny, img_size: 32, vae_stride: 4, token_channels: 4, num_classes: 10, buffer_size: 8,
@@ -49,7 +53,10 @@ def run_train(tmp_path, *overrides, launcher=(), check=True, name="run"):
     cfg = write_config(tmp_path)
     cmd = [*launcher, *([] if launcher else [sys.executable]), str(ROOT / "train.py"), "--config", str(cfg),
            f"--train.output_dir={tmp_path / name}", *overrides]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    if launcher:  # several processes: a rank hanging at exit fails fast, with the output, and none is orphaned
+        proc = run_launched(cmd, cwd=tmp_path, env=env(), timeout=600, grace=60, done_marker=DONE)
+    else:
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

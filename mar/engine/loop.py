@@ -213,7 +213,8 @@ def fit(task, cfg: TrainConfig, accelerator, run_dir: Path, dataset, ckpt: Path 
             flags = accelerator.reduce(torch.stack([loss_sum, torch.tensor(float(stop["signal"] is not None),
                                                                             device=device)]), reduction="sum")
             mean_loss = float(flags[0]) / world
-            if not math.isfinite(mean_loss):
+            if not math.isfinite(mean_loss):  # every rank sees the reduced loss: all stop here, together
+                accelerator.wait_for_everyone()  # (gloo's threads idle before the process group is freed)
                 raise FloatingPointError(f"non-finite loss ({mean_loss}) at step {step}; no checkpoint was written for "
                                          f"it (the last good one is kept). Lower the learning rate or check the data.")
             if o.grad_clip > 0:

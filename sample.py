@@ -73,6 +73,9 @@ def parse_edit_args(argv: list[str]):
     what.add_argument("--keep", nargs="+", metavar="SPEC", help="what to keep (outpainting): the same specs")
     p.add_argument("--class", dest="label", type=int, help="class to generate under (default: the input's label)")
     p.add_argument("--variations", type=int, default=4, help="results per input")
+    p.add_argument("--composite", action="store_true",
+                   help="paste the input's pixels back where the mask keeps them (the decoder otherwise shifts them "
+                        "a little with their new surroundings; a seam may show)")
     p.add_argument("--fmnist-root", help="Fashion-MNIST IDX folder for fashion_mnist:SPLIT inputs")
     cli.add_generation_args(p, lists=False)
     p.add_argument("--batch-size", type=int, default=32, help="images per batch and process")
@@ -144,7 +147,7 @@ def edit(args, command: list[str]) -> int:
     out = Path(args.out) if args.out else Path("samples") / run.name / "edit"
     with lock_folder(out, acc, what="sample.py edit"):
         fill_edit_folder(acc, run, out, images, masks, labels, names, setting, args.variations, args.seed,
-                         args.batch_size, command)
+                         args.batch_size, command, composite=args.composite)
     return 0
 
 

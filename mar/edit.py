@@ -113,10 +113,19 @@ def edit_tokens(model, tokenizer, images: torch.Tensor, regenerate: torch.Tensor
 
 @torch.no_grad()
 def edit_images(model, tokenizer, images: torch.Tensor, regenerate: torch.Tensor, labels: torch.Tensor | None,
-                **settings) -> np.ndarray:
-    """Edited images as uint8 (n, H, W, C): ``edit_tokens`` decoded one image at a time."""
+                composite: bool = False, **settings) -> np.ndarray:
+    """Edited images as uint8 (n, H, W, C): ``edit_tokens`` decoded one image at a time.
+
+    The decoder sees every token (the KL-VAE's mid-block attention is global), so the kept region comes out as
+    the tokenizer's reconstruction shifted by its new surroundings, more so the fewer tokens are kept. With
+    ``composite`` the input's own pixels are pasted back where the mask keeps them (a seam may show).
+    """
     tokens, _ = edit_tokens(model, tokenizer, images, regenerate, labels, **settings)
-    return tokenizer.to_uint8(decode_each(tokenizer, model.unpatchify(tokens).float())).cpu().numpy()
+    out = tokenizer.to_uint8(decode_each(tokenizer, model.unpatchify(tokens).float())).cpu()
+    if composite:
+        keep = ~regenerate.cpu()
+        out[keep] = tokenizer.to_uint8(images.cpu())[keep]
+    return out.numpy()
 
 
 def mask_preview(images: np.ndarray, regenerate: np.ndarray) -> np.ndarray:

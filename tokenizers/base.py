@@ -9,6 +9,7 @@ A tokenizer is an ``nn.Module`` with
     token_channels  C (continuous), or the codebook size (discrete)
     scaling_factor  its own latent scale (tokens = latents * scaling_factor); no other code holds the number
     in_channels     C_img
+    token_shape(H, W) -> (C, h, w)   the tokens of an H x W image
     encode(images (B, C_img, H, W) in [-1, 1], generator=None, sample=True) -> tokens (B, C, h, w)
         ``sample=False`` gives the deterministic encoding (the posterior mean for a KL-VAE)
     decode(tokens (B, C, h, w)) -> images (B, C_img, H, W), nominally in [-1, 1]
@@ -34,6 +35,8 @@ class Tokenizer(Protocol):
     token_channels: int
     scaling_factor: float
     in_channels: int
+
+    def token_shape(self, height: int, width: int) -> tuple[int, int, int]: ...
 
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None,
                sample: bool = True) -> torch.Tensor: ...

@@ -171,6 +171,11 @@ class KLTokenizer(nn.Module):
     def in_channels(self) -> int:
         return self.config.in_channels
 
+    def token_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of the tokens of an image of height x width pixels (sides must be multiples of the stride)."""
+        self.config.check_image_size(height, width)
+        return self.latent_channels, height // self.stride, width // self.stride
+
     # ---- encoding -------------------------------------------------------------------------------
     def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
         """(B, in, H, W) in [-1, 1] -> (B, 2C, h, w) = mean || logvar (logvar clamped to [-30, 20])."""

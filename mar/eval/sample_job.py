@@ -136,7 +136,7 @@ def _write_outputs(folder, key, record, runs, this_run, made, grid_idx, nrow, cl
 
 def fill_edit_folder(acc, run: Run, out: Path, images: torch.Tensor, masks: torch.Tensor, labels: list[int],
                      names: list[str], setting: Setting, variations: int, seed: int, batch_size: int,
-                     command=()) -> None:
+                     command=(), composite: bool = False) -> None:
     """Edits of ``images`` (n, C, H, W) in [-1, 1] under ``masks`` (n, H, W) (True = regenerate) and ``labels``:
     result r = i * variations + v of input i, seeded from (seed, r), as ``{r:06d}_c{label:03d}.png``; the inputs
     in ``inputs/``, ``grid.png`` (one row per input: input | mask | results) and ``settings.json``. A rerun with
@@ -145,7 +145,8 @@ def fill_edit_folder(acc, run: Run, out: Path, images: torch.Tensor, masks: torc
     key = {"weights": S.fingerprint(run.state_dict), "tokenizer": S.fingerprint(run.tokenizer.vae.state_dict()),
            "inputs": names, "inputs_sha256": S.fingerprint({"x": images.cpu(), "m": masks.cpu()}), "labels": labels,
            "variations": v, "seed": seed, "cfg": setting.cfg, "temperature": setting.temperature,
-           "num_iter": setting.num_iter, "cfg_schedule": setting.cfg_schedule, "options": vars(setting.options)}
+           "num_iter": setting.num_iter, "cfg_schedule": setting.cfg_schedule, "options": vars(setting.options),
+           **({"composite": True} if composite else {})}
     key = json.loads(json.dumps(key))  # as settings.json holds it (tuples become lists)
     result_labels = [labels[r // v] for r in range(total)]
     name = [f"{r:06d}_c{result_labels[r]:03d}.png" for r in range(total)]
@@ -171,7 +172,7 @@ def fill_edit_folder(acc, run: Run, out: Path, images: torch.Tensor, masks: torc
             made = edit_images(run.model, tok, images[src], masks[src], torch.tensor([result_labels[r] for r in rows]),
                                indices=rows, seed=seed, num_iter=setting.num_iter, cfg=setting.cfg,
                                cfg_schedule=setting.cfg_schedule, temperature=setting.temperature,
-                               options=setting.options)
+                               options=setting.options, composite=composite)
             for r, img in zip(rows, made):
                 save_png(img, out / name[r])
             bar.update(min(len(rows) * acc.num_processes, len(todo) - bar.n))

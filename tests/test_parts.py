@@ -91,3 +91,34 @@ def test_orders():
     assert moved[0, :-2].tolist() == [p for p in o[0].tolist() if p not in (1, 4)]  # ... the rest in order
     with pytest.raises(ValueError, match="unknown order policy"):
         make_orders("spiral", 1, 4)
+
+
+def _imports(path):
+    import ast
+
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_the_dependency_rules_of_the_layout():
+    """Data flows one way: no command-line script imports another; diffloss and tokenizers import nothing of the
+    project; below the entry points nothing imports accelerate or argparse-parses (mar/cli.py is the scripts')."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    scripts = {"train", "sample", "evaluate"}
+    for script in scripts:
+        assert not _imports(root / f"{script}.py") & scripts, script
+    for package in ("diffloss", "tokenizers"):
+        for f in (root / package).glob("*.py"):
+            assert not _imports(f) & {"mar", *scripts}, f
+    for f in (root / "mar").rglob("*.py"):
+        assert "accelerate" not in _imports(f), f
+        if f.name != "cli.py":
+            assert "argparse" not in _imports(f) or f.name == "checkpoint.py", f  # (allow-listed unpickling only)

@@ -220,3 +220,30 @@ def test_sample_py_edit_outpaints_and_edits_the_class(tmp_path, capsys):
                       "--out", str(tmp_path / "y"), *common])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and "unknown region 'middle'" in err and not (tmp_path / "y").exists()
+
+
+def test_sample_py_edit_with_a_published_format_checkpoint_on_an_rgb_photo(tmp_path, capsys):
+    """The published layout (checkpoint-last.pth: pickled args, model / model_ema, no config) with --model and
+    --tokenizer, on an RGB photo larger than the model (the ADM centre crop)."""
+    import argparse
+
+    from mar import create_model
+    from tokenizers import KLTokenizer, kl_vae_preset
+
+    torch.manual_seed(0)
+    KLTokenizer(kl_vae_preset("kl_f4_c4", scaling_factor=1.5)).save(tmp_path / "tok.safetensors")  # RGB
+    model = create_model("mar_tiny", img_size=32, vae_stride=4, token_channels=4, num_classes=10, buffer_size=4,
+                         generator=torch.Generator().manual_seed(0))
+    state = model.state_dict()
+    torch.save({"model": state, "model_ema": state, "args": argparse.Namespace(model="mar_tiny")},
+               tmp_path / "checkpoint-last.pth")
+    photo = (np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    rc = sample.main(["edit", "--checkpoint", str(tmp_path / "checkpoint-last.pth"), "--model", "mar_tiny",
+                      "--tokenizer", str(tmp_path / "tok.safetensors"), "--input", str(tmp_path / "photo.png"),
+                      "--mask", "box:0,0,16,32", "--class", "7", "--variations", "2", "--num-iter", "3",
+                      "--num-sampling-steps", "4", "--out", str(tmp_path / "out")])
+    assert rc == 0, capsys.readouterr().err
+    made = sorted((tmp_path / "out").glob("*_c007.png"))
+    assert len(made) == 2 and np.asarray(Image.open(made[0])).shape == (32, 32, 3)
+    assert np.asarray(Image.open(tmp_path / "out" / "inputs" / "000.png")).shape == (32, 32, 3)

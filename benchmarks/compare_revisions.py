@@ -6,8 +6,9 @@
 
 Each round runs the before tree's benchmark, then the after tree's (the order alternates from round to round,
 so a machine that slows down or warms up over the run does not favour one), each in its own process with
-``PYTHONPATH`` set to its tree. Prints every round's s/image per benchmark line, then the medians and the ratio
-after / before (below 1 is faster). The benchmark arguments after ``--`` go to both trees unchanged.
+``PYTHONPATH`` set to its tree. Prints every round's s/image per benchmark line, then the medians and minima
+(the minimum is the least disturbed by other work on a shared machine) and the ratios after / before (below 1
+is faster). The benchmark arguments after ``--`` go to both trees unchanged.
 """
 from __future__ import annotations
 
@@ -57,10 +58,11 @@ def main(argv=None) -> None:
             for label, s in run_tree(trees[name], bench).items():
                 times[name].setdefault(label, []).append(s)
                 print(f"round {r + 1} {name:6s} | {label} | {s:.4f} s/image", flush=True)
-    print("row | before s/image (median) | after s/image (median) | after / before")
+    print("row | before s/image: median, min | after s/image: median, min | after / before: median, min")
     for label in times["before"]:
-        b, f = statistics.median(times["before"][label]), statistics.median(times["after"].get(label, [float("nan")]))
-        print(f"{label} | {b:.4f} | {f:.4f} | {f / b:.3f}")
+        b, f = times["before"][label], times["after"].get(label, [float("nan")])
+        mb, mf = statistics.median(b), statistics.median(f)
+        print(f"{label} | {mb:.4f}, {min(b):.4f} | {mf:.4f}, {min(f):.4f} | {mf / mb:.3f}, {min(f) / min(b):.3f}")
 
 
 if __name__ == "__main__":

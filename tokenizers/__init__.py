@@ -1,10 +1,11 @@
 """Image tokenizers behind one interface (``base.Tokenizer``): the KL-VAE (LDM architecture on diffusers'
-AutoencoderKL), its checkpoint conversion and its training objective.
+AutoencoderKL), its checkpoint conversion and its training objective; and the VQ tokenizer (VQGAN-style, on
+diffusers' VQModel) with its objective and continuous view.
 
 Note: this top-level package shadows Hugging Face's ``tokenizers``; nothing here uses that one.
 """
 
-from .base import Tokenizer, open_tokenizer
+from .base import Tokenizer, open_tokenizer, tokenizer_kind
 from .convert import convert_ldm_vae_state_dict, ldm_key_for, read_state_dict_file
 from .kl_vae import (
     KL_VAE_PRESETS,
@@ -22,6 +23,17 @@ from .training import (
     estimate_scaling_factor,
     hinge_d_loss,
 )
+from .vq import (
+    VQ_PRESETS,
+    VQConfig,
+    VQContinuousTokens,
+    VQObjective,
+    VQTokenizer,
+    VQTrainConfig,
+    build_vq_model,
+    codebook_statistics,
+    vq_preset,
+)
 
 __all__ = [
     "KL_VAE_PRESETS",
@@ -31,8 +43,16 @@ __all__ = [
     "PatchDiscriminator",
     "Tokenizer",
     "VAETrainConfig",
+    "VQConfig",
+    "VQContinuousTokens",
+    "VQObjective",
+    "VQTokenizer",
+    "VQTrainConfig",
+    "VQ_PRESETS",
     "adversarial_factor",
     "build_autoencoder",
+    "build_vq_model",
+    "codebook_statistics",
     "compute_scaling_factor",
     "convert_ldm_vae_state_dict",
     "estimate_scaling_factor",
@@ -41,4 +61,6 @@ __all__ = [
     "ldm_key_for",
     "open_tokenizer",
     "read_state_dict_file",
+    "tokenizer_kind",
+    "vq_preset",
 ]

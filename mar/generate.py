@@ -129,3 +129,146 @@ def _masked_rows(model, tokens: Tensor, orders: Tensor, class_embedding: Tensor,
         tokens = tokens.scatter(1, index, new.reshape(b, n, *trailing).to(tokens.dtype))
         masked_now = m_next
     return tokens
+
+
+def _check_generators(generator, b: int) -> None:
+    if isinstance(generator, (list, tuple)) and len(generator) != b:
+        raise ValueError(f"got {len(generator)} generators for a batch of {b}: pass one per sample")
+
+
+@torch.no_grad()
+def causal(model, batch_size: int, *, labels: Tensor | None = None, cfg: float = 1.0, cfg_schedule: str = "linear",
+           temperature: float = 1.0, generator=None, options: SamplingOptions | None = None, kv_cache: bool = True,
+           progress: bool = False) -> Tensor:
+    """Generate (B, L, *token_shape) with a causal generator (``mar.causal.CausalAR``), one token per step.
+
+    Step i feeds the token of step i-1 (at its position, announcing position o_i) and the head samples
+    x_{o_i} from the last output. ``kv_cache`` keeps each block's keys and values, so a step computes one
+    position; False recomputes the whole prefix at every step (the same tokens up to float rounding: with a
+    categorical head the same codes). CFG and its linear schedule are MAR's with K = U = L (the scale at step i
+    is 1 + (cfg - 1) (i + 1) / L); ``generator`` and ``options`` as in ``masked``. Draws: the order keys (random
+    order only), then the head's at each step.
+    """
+    options = SamplingOptions() if options is None else options
+    check_guidance(cfg, temperature)
+    head = model.head
+    device, dtype = model.fake_latent.device, model.fake_latent.dtype
+    b, L = batch_size, model.seq_len
+    _check_generators(generator, b)
+    class_embedding = model.embed_labels(labels, b)
+    order = model.make_orders(b, generator, device)  # (b, L), first position first
+    scales = cfg_scales(cfg, cfg_schedule, L, generation_schedule(L, L))
+    steps = options.steps_per_iteration(L)
+    use_cfg = cfg != 1.0
+    order2 = torch.cat([order, order]) if use_cfg else order
+    if use_cfg:
+        class_embedding = torch.cat([class_embedding, model.embed_labels(None, b)])
+    token_dtype = head.token_dtype if head.kind == "discrete" else dtype
+    tokens = torch.zeros(b, L, *head.token_shape, device=device, dtype=token_dtype)
+    generated = torch.zeros(order2.shape[0], L, *head.token_shape, device=device, dtype=token_dtype)  # in order
+    caches = [{} for _ in model.blocks] if kv_cache else None
+    rows = torch.arange(b, device=device)
+    with autocast_region(model, device.type, options.autocast_dtype):  # no-op in fp32
+        prefix = torch.cat([model.buffer(class_embedding), model.inputs(None, None, order2[:, :1])], dim=1)
+        for i in tqdm(range(L), disable=not progress, desc="AR steps", leave=False):
+            if i == 0:
+                x = prefix
+            elif kv_cache:
+                x = model.inputs(generated[:, i - 1:i], order2[:, i - 1:i], order2[:, i:i + 1])
+            else:
+                x = torch.cat([prefix, model.inputs(generated[:, :i], order2[:, :i], order2[:, 1:i + 1])], dim=1)
+            z = model.run_blocks(x, caches)[:, -1]  # (b or 2b, D)
+            new = head.sample(z.to(dtype), temperature=temperature, cfg=scales[i], generator=generator,
+                              options=options, num_steps=steps[i]).to(token_dtype)  # (b, ...)
+            tokens[rows, order[:, i]] = new
+            generated[:, i] = torch.cat([new, new]) if use_cfg else new
+    return tokens
+
+
+def select_confident(confidence: Tensor, candidates: Tensor, keep: int) -> tuple[Tensor, Tensor]:
+    """MaskGIT's pick (Chang et al. 2022, Sec. 3.2, step 3): of each row's candidate positions (b, n) with their
+    confidences (b, n), the ``keep`` most confident: (their indices into the candidates (b, keep), their
+    positions (b, keep)). Ties go to the earlier candidate."""
+    if not 0 <= keep <= candidates.shape[1]:
+        raise ValueError(f"keep must be in [0, {candidates.shape[1]}], got {keep}")
+    idx = torch.sort(confidence, dim=1, descending=True, stable=True).indices[:, :keep]
+    return idx, torch.gather(candidates, 1, idx)
+
+
+@torch.no_grad()
+def maskgit(model, batch_size: int, *, labels: Tensor | None = None, num_iter: int = 8, cfg: float = 1.0,
+            cfg_schedule: str = "linear", temperature: float = 1.0, generator=None,
+            options: SamplingOptions | None = None, known_tokens: Tensor | None = None,
+            known_mask: Tensor | None = None, progress: bool = False) -> Tensor:
+    """MaskGIT's iterative decoding (Chang et al. 2022, Sec. 3.2) with a masked generator and a categorical head.
+
+    At step k every unknown token is sampled in parallel (``head.sample_with_confidence``: temperature, CFG
+    on logits, top-k / top-p); its confidence is its log-probability plus Gumbel noise scaled by
+    ``options.choice_temperature * (1 - (k+1)/K)`` (the reference implementation's annealed pick noise); the
+    most confident are kept so that the cosine schedule's count remains unknown (``generation_schedule``), the
+    rest are masked again. Known tokens (editing) are kept and never re-masked; schedules count from each
+    row's unknown count, as in ``masked``. Draws per step: the head's, then the pick noise.
+    """
+    options = SamplingOptions() if options is None else options
+    check_guidance(cfg, temperature)
+    head = model.head
+    if head.kind != "discrete" or not hasattr(head, "sample_with_confidence"):
+        raise ValueError("MaskGIT decoding needs a categorical head (discrete tokens): set model.head=categorical")
+    device = model.fake_latent.device
+    b, L = batch_size, model.seq_len
+    _check_generators(generator, b)
+    class_embedding = model.embed_labels(labels, b)
+    tokens = torch.zeros(b, L, dtype=head.token_dtype, device=device)
+    if known_mask is None:
+        known_mask = torch.zeros(b, L, dtype=torch.bool, device=device)
+    else:
+        known_mask, tokens = _check_known(known_tokens, known_mask, tokens)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for row, u in enumerate((~known_mask).sum(1).tolist()):
+        groups[u].append(row)
+    with autocast_region(model, device.type, options.autocast_dtype):
+        for u, rows in groups.items():
+            if u == 0:
+                continue
+            idx = torch.tensor(rows, device=device)
+            tokens[idx] = _maskgit_rows(model, tokens[idx], known_mask[idx], class_embedding[idx], u,
+                                        min(num_iter, u), cfg, cfg_schedule, temperature, _select(generator, rows),
+                                        options, progress)
+    return tokens
+
+
+def _maskgit_rows(model, tokens: Tensor, fixed: Tensor, class_embedding: Tensor, num_unknown: int, num_iter: int,
+                  cfg: float, cfg_schedule: str, temperature: float, generator, options: SamplingOptions,
+                  progress: bool) -> Tensor:
+    """MaskGIT decoding of rows that share one unknown count U: tokens (b, L), fixed (b, L) bool."""
+    from mar.orders import rand
+
+    b, L = tokens.shape
+    masked_after = generation_schedule(num_unknown, num_iter)
+    scales = cfg_scales(cfg, cfg_schedule, num_unknown, masked_after)
+    use_cfg = cfg != 1.0
+    if use_cfg:
+        class_embedding = torch.cat([class_embedding, model.embed_labels(None, b)])
+    fixed = fixed.clone()
+    masked_now = num_unknown
+    for k in tqdm(range(num_iter), disable=not progress, desc="MaskGIT steps", leave=False):
+        m_next = masked_after[k]
+        by_state = torch.argsort((~fixed).to(torch.uint8), dim=1, stable=True)  # fixed, then unknown; ascending
+        visible, unknown = by_state[:, :L - masked_now], by_state[:, L - masked_now:]
+        x, vis, pos = tokens, visible, unknown
+        if use_cfg:
+            x, vis, pos = torch.cat([x, x]), torch.cat([vis, vis]), torch.cat([unknown, unknown])
+        z = model.conditions(x, vis, class_embedding)
+        z = torch.gather(z, 1, pos.unsqueeze(-1).expand(-1, -1, z.shape[-1]))
+        codes, logprob = model.head.sample_with_confidence(
+            z.reshape(-1, z.shape[-1]).to(model.fake_latent.dtype), temperature=temperature, cfg=scales[k],
+            generator=generator, options=options)
+        codes, logprob = codes.view(b, masked_now), logprob.view(b, masked_now).float()
+        noise_scale = options.choice_temperature * (1.0 - (k + 1) / num_iter)
+        u = rand((b, masked_now), generator, tokens.device, dtype=torch.float64).clamp(1e-20, 1 - 1e-12)
+        confidence = logprob.double() + noise_scale * -torch.log(-torch.log(u))
+        idx, chosen = select_confident(confidence, unknown, masked_now - m_next)
+        tokens = tokens.scatter(1, chosen, torch.gather(codes, 1, idx))
+        fixed = fixed.scatter(1, chosen, True)
+        masked_now = m_next
+    return tokens

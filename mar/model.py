@@ -29,82 +29,20 @@ from torch.utils.checkpoint import checkpoint
 
 from mar import orders, schedules
 from mar.config.schema import SamplingOptions, precision_of
-from mar.generate import masked
+from mar.generate import masked, maskgit
 from mar.heads import DiffusionHeadSpec, HeadSpec
 
 MAR_B_HEAD = DiffusionHeadSpec(depth=6, width=1024)  # the published MAR-B Diffusion Loss head
 
 
-class MAR(nn.Module):
-    def __init__(
-        self,
-        img_size: int = 256,
-        vae_stride: int = 16,
-        patch_size: int = 1,
-        token_channels: int = 16,
-        encoder_embed_dim: int = 768,
-        encoder_depth: int = 12,
-        encoder_num_heads: int = 12,
-        decoder_embed_dim: int = 768,
-        decoder_depth: int = 12,
-        decoder_num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        num_classes: int = 1000,
-        buffer_size: int = 64,
-        label_drop_prob: float = 0.1,
-        attn_dropout: float = 0.1,
-        proj_dropout: float = 0.1,
-        mask_ratio_min: float = 0.7,
-        head: HeadSpec = MAR_B_HEAD,
-        grad_checkpointing: bool = False,
-        generator: torch.Generator | None = None,
-    ):
-        """Sizes as in the reference (defaults: MAR-B at 256 px on KL-16 tokens); ``head`` is the per-token
-        head's spec (``mar.heads``; default the MAR-B Diffusion Loss); ``generator`` seeds the initialisation."""
-        super().__init__()
-        if img_size % (vae_stride * patch_size) != 0:
-            raise ValueError(
-                f"img_size {img_size} is not divisible by vae_stride*patch_size = {vae_stride * patch_size}: "
-                "choose an image size that is a multiple of it"
-            )
-        if not 0.0 < mask_ratio_min <= 1.0:
-            raise ValueError(f"mask_ratio_min must be in (0, 1], got {mask_ratio_min}")
-        self.img_size, self.vae_stride, self.patch_size = img_size, vae_stride, patch_size
-        self.token_channels = token_channels
-        self.seq_h = self.seq_w = img_size // vae_stride // patch_size
-        self.seq_len = self.seq_h * self.seq_w
-        self.token_embed_dim = token_channels * patch_size**2  # C
-        self.num_classes, self.buffer_size = num_classes, buffer_size
-        self.label_drop_prob, self.mask_ratio_min = label_drop_prob, mask_ratio_min
-        self.grad_checkpointing = grad_checkpointing
-        norm = partial(nn.LayerNorm, eps=1e-6)
-        block = partial(Block, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm,
-                        proj_drop=proj_dropout, attn_drop=attn_dropout)
+class TokenGenerator(nn.Module):
+    """What every generator of the family shares: the token sequence layout (``patchify`` / ``unpatchify``),
+    the class vectors (``class_emb``, ``fake_latent``) and the head registered under its spec's name.
 
-        # Encoder.
-        self.class_emb = nn.Embedding(num_classes, encoder_embed_dim)
-        self.fake_latent = nn.Parameter(torch.zeros(1, encoder_embed_dim))  # the "no class" embedding
-        self.z_proj = head.input_embedding(self.token_embed_dim, encoder_embed_dim)  # tokens -> D
-        self.z_proj_ln = norm(encoder_embed_dim)
-        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len + buffer_size, encoder_embed_dim))
-        self.encoder_blocks = nn.ModuleList([block(encoder_embed_dim, encoder_num_heads) for _ in range(encoder_depth)])
-        self.encoder_norm = norm(encoder_embed_dim)
-
-        # Decoder.
-        self.decoder_embed = nn.Linear(encoder_embed_dim, decoder_embed_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len + buffer_size, decoder_embed_dim))
-        self.decoder_blocks = nn.ModuleList([block(decoder_embed_dim, decoder_num_heads) for _ in range(decoder_depth)])
-        self.decoder_norm = norm(decoder_embed_dim)
-        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len, decoder_embed_dim))
-        self.initialize_weights(generator)
-
-        # The head (initialised by itself, after the transformer, as in the reference).
-        if hasattr(type(self), head.module_name):
-            raise ValueError(f"a head cannot be registered as {head.module_name!r}: the generator has an attribute of "
-                             "that name; give its spec another module_name")
-        self._head_name = head.module_name
-        self.add_module(head.module_name, head.build(self.token_embed_dim, decoder_embed_dim, generator))
+    A subclass sets ``seq_h``, ``seq_w``, ``seq_len``, ``patch_size``, ``token_channels``, ``num_classes``,
+    ``class_emb``, ``fake_latent`` and ``_head_name``, and implements ``forward`` (the training loss) and
+    ``sample_tokens``.
+    """
 
     @property
     def head(self) -> nn.Module:
@@ -116,19 +54,12 @@ class MAR(nn.Module):
         """Rows per token in the training loss: the Diffusion Loss head's ``batch_mul`` (1 for other heads)."""
         return getattr(self.head, "batch_mul", 1)
 
-    def initialize_weights(self, generator: torch.Generator | None = None) -> None:
-        """N(0, 0.02) embeddings and tokens; xavier-uniform Linears with zero bias; unit LayerNorms."""
-        for p in (self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
-                  self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
-            nn.init.normal_(p, std=0.02, generator=generator)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight, generator=generator)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+    def _register_head(self, head, token_dim: int, z_channels: int, generator) -> None:
+        if hasattr(type(self), head.module_name):
+            raise ValueError(f"a head cannot be registered as {head.module_name!r}: the generator has an attribute of "
+                             "that name; give its spec another module_name")
+        self._head_name = head.module_name
+        self.add_module(head.module_name, head.build(token_dim, z_channels, generator))
 
     # ---------------------------------------------------------------- tokens <-> sequences
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,6 +95,99 @@ class MAR(nn.Module):
             raise ValueError(f"labels must have shape ({batch_size},), got {tuple(labels.shape)}")
         self.check_labels(labels)
         return self.class_emb(labels.to(self.fake_latent.device))
+
+
+class MAR(TokenGenerator):
+    def __init__(
+        self,
+        img_size: int = 256,
+        vae_stride: int = 16,
+        patch_size: int = 1,
+        token_channels: int = 16,
+        encoder_embed_dim: int = 768,
+        encoder_depth: int = 12,
+        encoder_num_heads: int = 12,
+        decoder_embed_dim: int = 768,
+        decoder_depth: int = 12,
+        decoder_num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 1000,
+        buffer_size: int = 64,
+        label_drop_prob: float = 0.1,
+        attn_dropout: float = 0.1,
+        proj_dropout: float = 0.1,
+        mask_ratio_min: float = 0.7,
+        mask_ratio_schedule: str = "truncnorm",
+        head: HeadSpec = MAR_B_HEAD,
+        grad_checkpointing: bool = False,
+        generator: torch.Generator | None = None,
+    ):
+        """Sizes as in the reference (defaults: MAR-B at 256 px on KL-16 tokens); ``head`` is the per-token
+        head's spec (``mar.heads``; default the MAR-B Diffusion Loss); ``generator`` seeds the initialisation.
+        ``mask_ratio_schedule``: the training mask ratio, ``truncnorm`` (MAR, the reference) or ``cosine``
+        (MaskGIT's r = cos(pi/2 u)); see ``mar.schedules.MASK_RATIO_SCHEDULES``."""
+        super().__init__()
+        if img_size % (vae_stride * patch_size) != 0:
+            raise ValueError(
+                f"img_size {img_size} is not divisible by vae_stride*patch_size = {vae_stride * patch_size}: "
+                "choose an image size that is a multiple of it"
+            )
+        if not 0.0 < mask_ratio_min <= 1.0:
+            raise ValueError(f"mask_ratio_min must be in (0, 1], got {mask_ratio_min}")
+        if mask_ratio_schedule not in schedules.MASK_RATIO_SCHEDULES:
+            raise ValueError(f"unknown mask_ratio_schedule {mask_ratio_schedule!r}: use one of "
+                             f"{', '.join(schedules.MASK_RATIO_SCHEDULES)}")
+        if getattr(head, "kind", "continuous") == "discrete" and patch_size != 1:
+            raise ValueError(f"discrete tokens (code indices) need patch_size 1, got {patch_size}")
+        self.mask_ratio_schedule = mask_ratio_schedule
+        self.img_size, self.vae_stride, self.patch_size = img_size, vae_stride, patch_size
+        self.token_channels = token_channels
+        self.seq_h = self.seq_w = img_size // vae_stride // patch_size
+        self.seq_len = self.seq_h * self.seq_w
+        self.token_embed_dim = token_channels * patch_size**2  # C
+        self.num_classes, self.buffer_size = num_classes, buffer_size
+        self.label_drop_prob, self.mask_ratio_min = label_drop_prob, mask_ratio_min
+        self.grad_checkpointing = grad_checkpointing
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        block = partial(Block, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm,
+                        proj_drop=proj_dropout, attn_drop=attn_dropout)
+
+        # Encoder.
+        self.class_emb = nn.Embedding(num_classes, encoder_embed_dim)
+        self.fake_latent = nn.Parameter(torch.zeros(1, encoder_embed_dim))  # the "no class" embedding
+        self.z_proj = head.input_embedding(self.token_embed_dim, encoder_embed_dim)  # tokens -> D
+        self.z_proj_ln = norm(encoder_embed_dim)
+        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len + buffer_size, encoder_embed_dim))
+        self.encoder_blocks = nn.ModuleList([block(encoder_embed_dim, encoder_num_heads) for _ in range(encoder_depth)])
+        self.encoder_norm = norm(encoder_embed_dim)
+
+        # Decoder.
+        self.decoder_embed = nn.Linear(encoder_embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len + buffer_size, decoder_embed_dim))
+        self.decoder_blocks = nn.ModuleList([block(decoder_embed_dim, decoder_num_heads) for _ in range(decoder_depth)])
+        self.decoder_norm = norm(decoder_embed_dim)
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len, decoder_embed_dim))
+        self.initialize_weights(generator)
+
+        # The head (initialised by itself, after the transformer, as in the reference).
+        self._register_head(head, self.token_embed_dim, decoder_embed_dim, generator)
+
+    def initialize_weights(self, generator: torch.Generator | None = None) -> None:
+        """N(0, 0.02) embeddings and tokens; xavier-uniform Linears with zero bias; unit LayerNorms."""
+        for p in (self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
+                  self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
+            nn.init.normal_(p, std=0.02, generator=generator)
+        if isinstance(self.z_proj, nn.Embedding):  # discrete tokens: a code embedding table (no draw otherwise)
+            nn.init.normal_(self.z_proj.weight, std=0.02, generator=generator)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight, generator=generator)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
 
     # ---------------------------------------------------------------- encoder / decoder
     def _blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
@@ -210,7 +234,10 @@ class MAR(nn.Module):
             drop = orders.rand((b,), generator, x.device) < self.label_drop_prob
             class_embedding = torch.where(drop.unsqueeze(-1), self.fake_latent.to(class_embedding.dtype), class_embedding)
         order = orders.random_orders(b, self.seq_len, generator, x.device)
-        ratio = schedules.sample_mask_ratio(generator, self.mask_ratio_min)
+        if self.mask_ratio_schedule == "truncnorm":
+            ratio = schedules.sample_mask_ratio(generator, self.mask_ratio_min)
+        else:
+            ratio = schedules.sample_mask_ratio_cosine(generator)
         m = schedules.num_masked_tokens(self.seq_len, ratio)
         _, visible = schedules.split_by_order(order, m)
         z = self.conditions(x, visible, class_embedding)  # (B, L, D')
@@ -259,6 +286,31 @@ class MAR(nn.Module):
             raise ValueError("pass the sampler settings either as options or as keywords, not both")
         tokens = masked(self, batch_size, labels=labels, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
                         temperature=temperature, generator=generator, options=options, progress=progress)
+        return self.unpatchify(tokens)
+
+
+class MaskGIT(MAR):
+    """MaskGIT (Chang et al. 2022) on this project's parts: the MAR encoder/decoder over discrete codes with a
+    categorical head, trained with MaskGIT's cosine mask ratio (Sec. 3.2), generated by confidence
+    (``mar.generate.maskgit``: every masked token is sampled at each step and the most confident are kept).
+
+    The network is MAR's MAE-style encoder/decoder (the encoder sees the visible tokens only, the decoder fills
+    [MASK]), not MaskGIT's single BERT over [MASK] inputs: the comparison with MAR isolates the training mask
+    ratio and the sampling rule. The state dict is MAR's.
+    """
+
+    def __init__(self, *args, mask_ratio_schedule: str = "cosine", **kwargs):
+        super().__init__(*args, mask_ratio_schedule=mask_ratio_schedule, **kwargs)
+
+    @torch.no_grad()
+    def sample_tokens(self, batch_size: int, num_iter: int = 8, cfg: float = 1.0, cfg_schedule: str = "linear",
+                      labels: torch.Tensor | None = None, temperature: float = 1.0, generator=None,
+                      progress: bool = False, *, options=None, **keywords) -> torch.Tensor:
+        """(B, h, w) codes by ``mar.generate.maskgit`` (``options.choice_temperature`` is its pick noise)."""
+        if keywords:
+            raise ValueError(f"MaskGIT takes its sampler settings as options, not {sorted(keywords)}")
+        tokens = maskgit(self, batch_size, labels=labels, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
+                         temperature=temperature, generator=generator, options=options, progress=progress)
         return self.unpatchify(tokens)
 
 

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
+from mar.categorical import CategoricalHeadSpec
+from mar.causal import CausalAR
 from mar.heads import DiffusionHeadSpec
-from mar.model import MAR
+from mar.model import MAR, MaskGIT
 
 # name: (width D, encoder depth, decoder depth, heads, DiffLoss depth, DiffLoss width)
 PRESETS: dict[str, dict[str, int]] = {}
@@ -42,19 +44,52 @@ def preset_kwargs(name: str) -> dict[str, int]:
     return dict(PRESETS[name])
 
 
-def create_model(name: str, **kwargs) -> MAR:
-    """Build a preset; keyword arguments override the preset's sizes or set the other MAR options.
+GENERATORS = {"mar": MAR, "maskgit": MaskGIT, "causal": CausalAR}
+HEAD_SPECS = ("diffloss", "categorical")
+
+
+def create_model(name: str, arch: str = "mar", head: str = "diffloss", **kwargs) -> MAR:
+    """Build a preset; keyword arguments override the preset's sizes or set the other generator options.
+
+    ``arch``, the generator: ``mar`` (MAR), ``maskgit`` or ``causal`` (a decoder-only AR of the encoder's width with
+    encoder_depth + decoder_depth blocks, the same number of transformer blocks as MAR; ``order``, raster or
+    random). ``head``: ``diffloss`` or ``categorical`` (the cross-entropy head; its MLP has the preset's
+    diffloss depth and width, and ``token_channels`` is then the codebook size).
 
     >>> model = create_model("mar_base")                       # ImageNet 256, KL-16, 1000 classes
     >>> model = create_model("mar_tiny", img_size=32, vae_stride=4, token_channels=4, num_classes=10)
+    >>> model = create_model("mar_tiny", "causal", "categorical", img_size=32, vae_stride=4, token_channels=512,
+    ...                      num_classes=10, order="random")
     """
+    if arch not in GENERATORS:
+        raise ValueError(f"unknown generator arch {arch!r}: use one of {', '.join(GENERATORS)}")
+    if head not in HEAD_SPECS:
+        raise ValueError(f"unknown head {head!r}: use one of {', '.join(HEAD_SPECS)}")
     args = preset_kwargs(name)
     args.update({k: v for k, v in kwargs.items() if v is not None})
-    head = DiffusionHeadSpec(depth=args.pop("diffloss_depth"), width=args.pop("diffloss_width"),
-                             num_sampling_steps=args.pop("num_sampling_steps", "100"),
-                             batch_mul=args.pop("diffusion_batch_mul", 4),
-                             grad_checkpointing=args.get("grad_checkpointing", False))
-    return MAR(head=head, **args)
+    depth, width = args.pop("diffloss_depth"), args.pop("diffloss_width")
+    steps, batch_mul = args.pop("num_sampling_steps", "100"), args.pop("diffusion_batch_mul", 4)
+    if head == "diffloss":
+        spec = DiffusionHeadSpec(depth=depth, width=width, num_sampling_steps=steps, batch_mul=batch_mul,
+                                 grad_checkpointing=args.get("grad_checkpointing", False))
+    else:
+        spec = CategoricalHeadSpec(depth=depth, width=width)
+    order, kv_cache = args.pop("order", None), args.pop("kv_cache", None)
+    if kv_cache and arch != "causal":
+        raise ValueError(f"kv_cache needs causal attention; arch {arch!r} is bidirectional")
+    if arch != "causal":
+        if order not in (None, "random"):
+            raise ValueError(f"arch {arch!r} trains on random orders; order {order!r} is for causal")
+        return GENERATORS[arch](head=spec, **args)
+    for key in ("mask_ratio_min", "mask_ratio_schedule"):
+        args.pop(key, None)
+    enc = dict(embed_dim=args.pop("encoder_embed_dim"), num_heads=args.pop("encoder_num_heads"),
+               depth=args.pop("encoder_depth") + args.pop("decoder_depth"))
+    for key in ("decoder_embed_dim", "decoder_num_heads"):
+        args.pop(key)
+    model = CausalAR(head=spec, order=order or "raster", **enc, **args)
+    model.kv_cache = kv_cache is not False  # sample_tokens' default
+    return model
 
 
 def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:

@@ -80,7 +80,7 @@ def load_run(source: str | Path | None = None, *, model: str | None = None, toke
     weights, run_dir = resolve_weights(source, ema, default)
     state, config, tok_meta = read_weights(weights, ema)
     tok_path = find_tokenizer(tokenizer, run_dir, config, weights)
-    tok = load_tokenizer(tok_path, KLVAEConfig.from_dict(tok_meta) if tok_meta else None, config, tokenizer_preset)
+    tok = load_tokenizer(tok_path, tok_meta, config, tokenizer_preset)
     mar, preset, kwargs = build_model(state, config, model, tok, weights, num_sampling_steps)
     return Run(mar, tok.eval(), config, preset, kwargs, weights, tok_path, run_dir, ema, state)
 
@@ -146,15 +146,22 @@ def find_tokenizer(given, run: Path | None, config: dict | None, weights: Path) 
                      "tokenizer .safetensors)")
 
 
-def load_tokenizer(path: Path, expected: KLVAEConfig | None, config: dict | None, preset: str) -> KLTokenizer:
+def load_tokenizer(path: Path, expected: dict | None, config: dict | None, preset: str):
     """The tokenizer file, checked against ``expected`` (the config the model was trained with, from the export's
-    metadata); an LDM-format file is read with that config, else the training config's preset and channels."""
+    metadata); an LDM-format file is read with that config, else the training config's preset and channels. A run
+    trained on a VQ tokenizer's latent (``tokenizer.continuous``) gets that view of it."""
     t = (config or {}).get("tokenizer") or {}
-    tok = open_tokenizer(path, expected or t.get("preset", preset), t.get("in_channels"))
+    kl_fields = {f.name for f in dataclasses.fields(KLVAEConfig)}
+    arch = KLVAEConfig.from_dict(expected) if expected and set(expected) == kl_fields else t.get("preset", preset)
+    tok = open_tokenizer(path, arch, t.get("in_channels"), continuous=bool(t.get("continuous")))
     if expected is not None:  # the model was trained with this tokenizer config (incl. its scaling factor)
-        if dataclasses.replace(tok.config, scaling_factor=expected.scaling_factor) != expected:
+        try:
+            want = type(tok.config).from_dict(expected)
+        except (TypeError, ValueError):
+            want = None
+        if want is None or dataclasses.replace(tok.config, scaling_factor=want.scaling_factor) != want:
             raise ValueError(f"tokenizer {path} is not the one the model was trained with ({tok.config} vs {expected})")
-        tok.config = expected
+        tok.config = want
     elif t.get("scaling_factor") is not None:
         tok.config = dataclasses.replace(tok.config, scaling_factor=t["scaling_factor"])
     return tok
@@ -168,7 +175,7 @@ def build_model(state: dict, config: dict | None, preset: str | None, tok: KLTok
         own = kwargs.pop("preset")
         if preset and preset != own:
             raise ValueError(f"{path} holds a {own} model (from its config) but --model says {preset}: drop --model")
-        for key, value in (("vae_stride", tok.stride), ("token_channels", tok.latent_channels)):
+        for key, value in (("vae_stride", tok.stride), ("token_channels", tok.token_channels)):
             if kwargs.pop(key) != value:
                 raise ValueError(f"the model was trained with {key}={config['model'][key]}, the tokenizer has {value}: "
                                  "pass the tokenizer of the run with --tokenizer")
@@ -176,10 +183,13 @@ def build_model(state: dict, config: dict | None, preset: str | None, tok: KLTok
     elif not preset:
         raise ValueError(f"{path} has no config: pass --model PRESET ({guess_preset(state)})")
     else:
-        kwargs = infer_kwargs(state, tok.latent_channels, tok.stride, str(path))
+        kwargs = infer_kwargs(state, tok.token_channels, tok.stride, str(path))
+    if steps is not None and kwargs.get("head", "diffloss") != "diffloss":
+        raise ValueError("--num-sampling-steps sets the Diffusion Loss head's steps; this model has a "
+                         f"{kwargs['head']} head")
     if steps is not None:
         kwargs["num_sampling_steps"] = str(steps)
-    model = create_model(preset, vae_stride=tok.stride, token_channels=tok.latent_channels, **kwargs)
+    model = create_model(preset, vae_stride=tok.stride, token_channels=tok.token_channels, **kwargs)
     try:
         load_state_dict_strict(model, state, source=str(path))
     except ValueError as e:

@@ -40,6 +40,16 @@ def sample_mask_ratio(generator=None, min_ratio: float = 0.7, mean: float = 1.0,
     return float(r.clamp(min_ratio, 1.0))
 
 
+MASK_RATIO_SCHEDULES = ("truncnorm", "cosine")  # MAR (Sec. 3.3) / MaskGIT (Chang et al. 2022, Sec. 3.2)
+
+
+def sample_mask_ratio_cosine(generator=None) -> float:
+    """One training mask ratio of MaskGIT: r = cos(pi/2 * u), u ~ U[0, 1) (Chang et al. 2022, Sec. 3.2: the
+    mask scheduling function gamma = cos evaluated at a uniform draw); r is in (0, 1]."""
+    u = rand((1,), generator, generator.device if generator is not None else None, dtype=torch.float64)
+    return float(torch.cos(math.pi / 2.0 * u.cpu()))
+
+
 def num_masked_tokens(seq_len: int, ratio: float) -> int:
     """Tokens masked for a training ratio: ceil(L * r)."""
     return int(math.ceil(seq_len * ratio))

@@ -14,7 +14,9 @@ import torch
 from diffloss.diffusion import annealed_step_counts, respace_timesteps
 from diffloss.loss import NUM_TRAIN_TIMESTEPS, check_sampling_options
 from mar.schedules import check_guidance
+from tokenizers import tokenizer_kind
 from tokenizers.training import VAETrainConfig
+from tokenizers.vq import VQTrainConfig
 
 
 def _check(ok: bool, message: str) -> None:
@@ -25,6 +27,14 @@ def _check(ok: bool, message: str) -> None:
 @dataclass
 class ModelConfig:
     preset: str = "mar_base"
+    # The parts (tokenizer x generator x head): the generator ``arch``, ``mar`` bidirectional masked (MAR), ``maskgit`` (MAR's network
+    # with MaskGIT's cosine mask ratio and confidence decoding), ``causal`` (decoder-only AR, KV cache);
+    # ``order`` of a causal generator (MAR and MaskGIT train on random orders); ``head`` diffloss (continuous
+    # tokens) or categorical (cross-entropy over codes; its MLP sizes are diffloss_depth / diffloss_width).
+    arch: Literal["mar", "maskgit", "causal"] = "mar"
+    order: Literal["random", "raster"] = "random"
+    head: Literal["diffloss", "categorical"] = "diffloss"
+    kv_cache: bool | None = None  # causal generation with a KV cache (None = on for causal)
     img_size: int = 256
     vae_stride: int = 16
     patch_size: int = 1
@@ -55,6 +65,14 @@ class ModelConfig:
         _check(0.0 < self.mask_ratio_min <= 1.0, f"mask_ratio_min must be in (0, 1], got {self.mask_ratio_min}")
         _check(0.0 <= self.label_drop_prob < 1.0, f"label_drop_prob must be in [0, 1), got {self.label_drop_prob}")
         _check(self.diffusion_batch_mul >= 1, f"diffusion_batch_mul must be >= 1, got {self.diffusion_batch_mul}")
+        _check(not (self.kv_cache and self.arch != "causal"),
+               f"kv_cache must be null or false for arch {self.arch!r}: a KV cache needs causal attention "
+               "(each position attends only to earlier ones); set model.arch=causal or drop model.kv_cache")
+        _check(self.arch == "causal" or self.order == "random",
+               f"order must be 'random' for arch {self.arch!r} (masked generators train on random orders); "
+               "raster order is for model.arch=causal")
+        _check(self.arch != "maskgit" or self.head == "categorical",
+               "head must be 'categorical' for arch 'maskgit' (it picks codes by their probability)")
         try:
             respace_timesteps(NUM_TRAIN_TIMESTEPS, self.num_sampling_steps)
         except ValueError:
@@ -69,6 +87,7 @@ class TokenizerConfig:
     checkpoint: str | None = None  # LDM .ckpt (published KL-16) or a project .safetensors
     scaling_factor: float | None = None  # None = the tokenizer's own factor
     in_channels: int | None = None  # None = the preset's (3); 1 for grey images
+    continuous: bool = False  # a VQ tokenizer's pre-quantization latent as continuous tokens (MAR paper, Table 2)
 
 
 @dataclass
@@ -151,7 +170,8 @@ class SamplingOptions:
     diffusion steps annealed over the generation steps (``diffusion_steps_shape`` linear or cosine; None = the
     model's fixed count); ``precision`` bf16 / fp16 runs the generator and the head under autocast;
     ``clip_denoised`` r clamps the head's predicted x0 to [-r, r] at every diffusion step (IDDPM's
-    ``clip_denoised`` in token units; it keeps a briefly trained head stable).
+    ``clip_denoised`` in token units; it keeps a briefly trained head stable). ``top_k`` / ``top_p`` /
+    ``choice_temperature`` are the categorical head's and MaskGIT's (ignored by the Diffusion Loss head).
     """
 
     sampler: Literal["ddpm", "ddim"] = "ddpm"
@@ -160,8 +180,19 @@ class SamplingOptions:
     diffusion_steps_shape: Literal["linear", "cosine"] = "linear"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     clip_denoised: Optional[float] = None
+    # Categorical heads (cross-entropy over codes): keep the top_k codes / the top_p nucleus (None = all), and
+    # MaskGIT's pick noise (Gumbel scale at the first step, annealed to 0; the reference's 4.5).
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    choice_temperature: float = 4.5
 
     def __post_init__(self) -> None:
+        from mar.categorical import check_top
+
+        check_top(self.top_k, self.top_p)
+        _check(isinstance(self.choice_temperature, (int, float)) and not isinstance(self.choice_temperature, bool)
+               and 0 <= self.choice_temperature < float("inf"),
+               f"choice_temperature must be a finite number >= 0, got {self.choice_temperature!r}")
         _check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got "
                                              f"{self.precision!r}")
         check_sampling_options(self.sampler, self.eta, self.autocast_dtype, self.clip_denoised)
@@ -217,7 +248,24 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: RunConfig = field(default_factory=RunConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
-    vae: VAETrainConfig = field(default_factory=VAETrainConfig)  # used when task = tokenizer
+    vae: VAETrainConfig = field(default_factory=VAETrainConfig)  # used when task = tokenizer (KL-VAE presets)
+    vq: VQTrainConfig = field(default_factory=VQTrainConfig)  # used when task = tokenizer (VQ presets)
+
+    def __post_init__(self) -> None:
+        """The parts must fit: a categorical head needs discrete tokens, Diffusion Loss continuous ones."""
+        try:
+            kind = tokenizer_kind(self.tokenizer.preset, self.tokenizer.continuous)
+        except ValueError as e:
+            raise ValueError(f"tokenizer.preset: {e}") from None
+        if self.task != "mar":
+            return
+        want = "discrete" if self.model.head == "categorical" else "continuous"
+        if kind != want:
+            fix = ("use a VQ tokenizer preset (vq_*) without tokenizer.continuous" if want == "discrete" else
+                   "use a KL tokenizer, or set tokenizer.continuous=true to feed a VQ tokenizer's latent")
+            raise ValueError(f"model.head={self.model.head} needs {want} tokens but tokenizer "
+                             f"{self.tokenizer.preset!r} gives {kind} ones: {fix}, or set model.head="
+                             f"{'categorical' if kind == 'discrete' else 'diffloss'}")
 
 
 def effective_lr(optim: OptimConfig, global_batch: int) -> float:

@@ -30,13 +30,15 @@ from mar.engine.data import build_dataset, save_latent_cache
 from mar.engine.loop import param_groups
 from mar.io import atomic_write, write_grid
 from mar.registry import create_model
-from tokenizers import KLTokenizer, open_tokenizer
+from tokenizers import compute_scaling_factor, open_tokenizer, tokenizer_kind
 from tokenizers.training import KLVAEObjective, estimate_scaling_factor
+from tokenizers.vq import VQObjective, VQTokenizer, vq_preset
 
 
-def build_tokenizer(cfg: TrainConfig) -> KLTokenizer:
+def build_tokenizer(cfg: TrainConfig):
+    """The configured tokenizer (KL-VAE, VQ, or a VQ's latent as continuous tokens)."""
     t = cfg.tokenizer
-    return open_tokenizer(t.checkpoint, t.preset, t.in_channels, t.scaling_factor)
+    return open_tokenizer(t.checkpoint, t.preset, t.in_channels, t.scaling_factor, continuous=t.continuous)
 
 
 class MARTask:
@@ -49,7 +51,7 @@ class MARTask:
             raise ValueError("task=mar needs a trained tokenizer: set tokenizer.checkpoint=<kl16.ckpt or a tokenizer "
                              ".safetensors written by a task=tokenizer run>")
         self.cfg = cfg
-        self.tokenizer: KLTokenizer | None = None
+        self.tokenizer = None
 
     def dataset(self):
         return build_dataset(self.cfg.data, self.cfg.train.seed)
@@ -59,8 +61,9 @@ class MARTask:
         m = dataclasses.asdict(self.cfg.model)
         tok = self.tokenizer
         if m.pop("vae_stride") != tok.stride or m.pop("token_channels") != tok.token_channels:
+            what = "the codebook size" if tok.kind == "discrete" else "the latent channels"
             raise ValueError(f"model.vae_stride/token_channels must match the tokenizer ({tok.stride}, "
-                             f"{tok.token_channels}): set model.vae_stride={tok.stride} "
+                             f"{tok.token_channels}: {what}): set model.vae_stride={tok.stride} "
                              f"model.token_channels={tok.token_channels}")
         return create_model(m.pop("preset"), vae_stride=tok.stride, token_channels=tok.token_channels,
                             generator=torch.Generator().manual_seed(self.cfg.train.seed), **m).to(device)
@@ -73,7 +76,7 @@ class MARTask:
 
     def loss(self, module, batch, step: int, generator: torch.Generator):
         x, y = batch
-        if self.cfg.data.kind == "latents":  # cached posterior moments: draw the tokens
+        if self.cfg.data.kind == "latents":  # cached moments (KL) or latents (VQ): draw / look up the tokens
             tokens = self.tokenizer.sample_from_moments(x, generator=generator)
         else:
             with torch.no_grad():
@@ -105,18 +108,25 @@ class MARTask:
 
 
 class TokenizerTask:
-    """The KL-VAE tokenizer: reconstruction + KL (+ an optional PatchGAN term), ``tokenizers.training``."""
+    """A tokenizer: the KL-VAE (reconstruction + KL, + an optional PatchGAN term, ``tokenizers.training``) or,
+    for a ``vq*`` preset, the VQ tokenizer (reconstruction + codebook + beta * commitment, dead codes
+    restarted, ``tokenizers.vq``)."""
 
     name = "tokenizer"
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self.vq = tokenizer_kind(cfg.tokenizer.preset) == "discrete"
 
     def dataset(self):
         return build_dataset(self.cfg.data, self.cfg.train.seed)
 
     def build(self, device) -> nn.Module:
         t = self.cfg.tokenizer
+        if self.vq:
+            channels = {"in_channels": t.in_channels, "out_channels": t.in_channels} if t.in_channels else {}
+            tok = VQTokenizer(vq_preset(t.preset, **channels), generator=torch.Generator().manual_seed(self.cfg.train.seed))
+            return VQObjective(tok, self.cfg.vq).to(device)
         torch.manual_seed(self.cfg.train.seed)  # diffusers' VAE initialises from the global RNG only
         return KLVAEObjective(open_tokenizer(None, t.preset, t.in_channels, t.scaling_factor), self.cfg.vae).to(device)
 
@@ -132,7 +142,7 @@ class TokenizerTask:
     @staticmethod
     def identity(config: dict) -> dict:
         return {"tokenizer": {k: v for k, v in (config.get("tokenizer") or {}).items() if k != "checkpoint"},
-                "vae": config.get("vae")}
+                "vae": config.get("vae"), "vq": config.get("vq")}
 
     def sample_grid(self, ema: nn.Module, step: int, path: Path) -> None:
         pass  # the reconstruction loss in the logs is the progress
@@ -145,7 +155,11 @@ class TokenizerTask:
         bs = self.cfg.optim.batch_size
         loader = torch.utils.data.DataLoader(dataset, batch_size=bs, shuffle=False)
         images = (x.to(device) for _, (x, _y) in zip(range(max(1, 2048 // bs)), loader))
-        factor = estimate_scaling_factor(trained, images, torch.Generator(device).manual_seed(self.cfg.train.seed))
+        if self.vq:  # the scale of the pre-quantization latent, for its use as continuous tokens (Table 2)
+            latents = torch.cat([trained.encode_latent(x) for x in images])
+            factor = compute_scaling_factor(latents)
+        else:
+            factor = estimate_scaling_factor(trained, images, torch.Generator(device).manual_seed(self.cfg.train.seed))
         trained.config = dataclasses.replace(trained.config, scaling_factor=factor)
         print(f"latent scaling factor 1/std from {min(len(dataset), 2048)} training images: {factor:.4f}")
         return atomic_write(run_dir / "tokenizer.safetensors", trained.save)

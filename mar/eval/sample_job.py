@@ -52,14 +52,19 @@ def settings_key(run: Run, setting: Setting, seed: int, classes) -> dict:
     o = setting.options
     key = {"mar_weights_sha256": S.fingerprint(run.state_dict), "ema": run.ema,
            "model": {"preset": run.preset, **run.model_kwargs},
-           "tokenizer_sha256": S.fingerprint(run.tokenizer.vae.state_dict(), run.tokenizer.config.to_dict()),
-           "num_sampling_steps": run.model.head.num_sampling_steps, "precision": o.precision, "sampler": o.sampler,
+           "tokenizer_sha256": S.fingerprint(getattr(run.tokenizer, "vae", run.tokenizer).state_dict(),
+                                             run.tokenizer.config.to_dict()),
+           "num_sampling_steps": getattr(run.model.head, "num_sampling_steps", None), "precision": o.precision,
+           "sampler": o.sampler,
            "eta": o.eta, "diffusion_steps": list(o.diffusion_steps_schedule) if o.diffusion_steps_schedule else None,
            "seed": seed, "classes": ",".join(map(str, classes)), "cfg_schedule": setting.cfg_schedule}
     if o.diffusion_steps_schedule and o.diffusion_steps_shape != "linear":
         key["diffusion_steps_shape"] = o.diffusion_steps_shape
     if o.clip_denoised is not None:  # absent = the reference sampler
         key["clip_denoised"] = o.clip_denoised
+    for name, default in (("top_k", None), ("top_p", None), ("choice_temperature", 4.5)):  # categorical heads
+        if getattr(o, name) != default:
+            key[name] = getattr(o, name)
     return {**key, "cfg": setting.cfg, "temperature": setting.temperature, "num_iter": setting.num_iter}
 
 
@@ -142,7 +147,8 @@ def fill_edit_folder(acc, run: Run, out: Path, images: torch.Tensor, masks: torc
     in ``inputs/``, ``grid.png`` (one row per input: input | mask | results) and ``settings.json``. A rerun with
     the same key makes only the missing results; a folder of other edits is refused."""
     v, total = variations, len(images) * variations
-    key = {"weights": S.fingerprint(run.state_dict), "tokenizer": S.fingerprint(run.tokenizer.vae.state_dict()),
+    tok_state = getattr(run.tokenizer, "vae", run.tokenizer).state_dict()
+    key = {"weights": S.fingerprint(run.state_dict), "tokenizer": S.fingerprint(tok_state),
            "inputs": names, "inputs_sha256": S.fingerprint({"x": images.cpu(), "m": masks.cpu()}), "labels": labels,
            "variations": v, "seed": seed, "cfg": setting.cfg, "temperature": setting.temperature,
            "num_iter": setting.num_iter, "cfg_schedule": setting.cfg_schedule, "options": vars(setting.options),

@@ -32,6 +32,7 @@ from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
 from mar import orders as orders_mod
+from mar.generate import causal
 from mar.heads import DiffusionHeadSpec, HeadSpec
 from mar.model import TokenGenerator
 
@@ -213,14 +214,22 @@ class CausalAR(TokenGenerator):
         recomputes the prefix at every step (same tokens; the speed comparison's other row); None takes the
         model's ``kv_cache`` attribute (on unless the config's ``model.kv_cache`` is false).
         """
-        from mar.generate import causal
-
         if keywords:
             raise ValueError(f"a causal generator takes its sampler settings as options, not {sorted(keywords)}")
+        tokens = self.generate(batch_size, num_iter=num_iter, labels=labels, cfg=cfg, cfg_schedule=cfg_schedule,
+                               temperature=temperature, generator=generator, options=options, kv_cache=kv_cache,
+                               progress=progress)
+        return self.unpatchify(tokens)
+
+    def generate(self, batch_size: int, *, num_iter: int | None = None, known_tokens=None, known_mask=None,
+                 kv_cache: bool | None = None, **kwargs) -> torch.Tensor:
+        """Token sequences (B, L, ...) by ``mar.generate.causal`` (its keywords). Editing (known tokens) needs a
+        masked generator: a causal one conditions each token on the tokens before it in its order only."""
+        if known_tokens is not None or known_mask is not None:
+            raise ValueError("editing needs a masked generator (model.arch mar or maskgit): a causal generator sees "
+                             "only the tokens before each one in its order, so it cannot keep tokens after them")
         if num_iter not in (None, self.seq_len):
             raise ValueError(f"a causal generator predicts one token per step: num_iter must be {self.seq_len} "
                              f"(the number of tokens), got {num_iter}")
         kv_cache = self.kv_cache if kv_cache is None else kv_cache
-        tokens = causal(self, batch_size, labels=labels, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature,
-                        generator=generator, options=options, kv_cache=kv_cache, progress=progress)
-        return self.unpatchify(tokens)
+        return causal(self, batch_size, kv_cache=kv_cache, **kwargs)

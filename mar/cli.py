@@ -13,7 +13,8 @@ from mar.config.schema import PRECISIONS, SampleConfig, SamplingOptions
 from mar.registry import PRESETS
 from mar.run import Run, load_run
 
-OPTION_FLAGS = ("sampler", "eta", "diffusion_steps", "diffusion_steps_shape", "precision", "clip_denoised")
+OPTION_FLAGS = ("sampler", "eta", "diffusion_steps", "diffusion_steps_shape", "precision", "clip_denoised", "top_k",
+                "top_p", "choice_temperature")
 
 
 def parse_clip_denoised(text: str) -> float:
@@ -63,6 +64,12 @@ def add_option_args(fast) -> None:
     fast.add_argument("--clip-denoised", type=parse_clip_denoised, metavar="R|off",
                       help="guard: clamp the head's predicted x0 to [-R, R] at every diffusion step (token units); "
                            "'off' = the reference sampler (default: the run's sample.clip_denoised, else off)")
+    fast.add_argument("--top-k", type=int, metavar="K", help="categorical heads: sample among the K most likely codes "
+                                                             "(ties kept; default: all)")
+    fast.add_argument("--top-p", type=float, metavar="P", help="categorical heads: sample in the nucleus of mass P "
+                                                               "(0 < P <= 1; default: all)")
+    fast.add_argument("--choice-temperature", type=float, metavar="T",
+                      help="MaskGIT: scale of the Gumbel noise on the pick confidence, annealed to 0 (default 4.5)")
 
 
 def run_from_args(args: argparse.Namespace, default=None) -> Run:
@@ -78,7 +85,8 @@ def options_from_args(args: argparse.Namespace, defaults: SampleConfig) -> Sampl
     given = {"sampler": args.sampler, "eta": args.eta, "precision": args.precision,
              "diffusion_steps_schedule": tuple(args.diffusion_steps) if args.diffusion_steps else None,
              "diffusion_steps_shape": args.diffusion_steps_shape,
-             "clip_denoised": None if args.clip_denoised is None else (args.clip_denoised or "off")}
+             "clip_denoised": None if args.clip_denoised is None else (args.clip_denoised or "off"),
+             "top_k": args.top_k, "top_p": args.top_p, "choice_temperature": args.choice_temperature}
     values = {k: getattr(defaults, k) if v is None else v for k, v in given.items()}
     if values["clip_denoised"] == "off":
         values["clip_denoised"] = None

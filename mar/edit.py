@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from mar.config.schema import SamplingOptions
-from mar.generate import masked
-from mar.pipeline import decode_each, image_generators
+from mar.pipeline import decode_each, decoder_input, image_generators
 
 REGIONS = ("lower-half", "upper-half", "left-half", "right-half", "center:S", "box:X0,Y0,X1,Y1")
 
@@ -104,10 +103,10 @@ def edit_tokens(model, tokenizer, images: torch.Tensor, regenerate: torch.Tensor
         raise ValueError(f"give one result index per image: {len(indices)} indices for {len(images)} images")
     unknown = token_unknown(regenerate.to(device), model.vae_stride * model.patch_size)
     known = known_tokens(model, tokenizer, images.to(device))
-    tokens = masked(model, len(images), labels=None if labels is None else labels.to(device), num_iter=num_iter,
-                    cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature,
-                    generator=image_generators(seed, indices, device), options=options, known_tokens=known,
-                    known_mask=~unknown)
+    tokens = model.generate(len(images), labels=None if labels is None else labels.to(device), num_iter=num_iter,
+                            cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature,
+                            generator=image_generators(seed, indices, device), options=options, known_tokens=known,
+                            known_mask=~unknown)
     return tokens, ~unknown
 
 
@@ -121,7 +120,7 @@ def edit_images(model, tokenizer, images: torch.Tensor, regenerate: torch.Tensor
     ``composite`` the input's own pixels are pasted back where the mask keeps them (a seam may show).
     """
     tokens, _ = edit_tokens(model, tokenizer, images, regenerate, labels, **settings)
-    out = tokenizer.to_uint8(decode_each(tokenizer, model.unpatchify(tokens).float())).cpu()
+    out = tokenizer.to_uint8(decode_each(tokenizer, decoder_input(model.unpatchify(tokens)))).cpu()
     if composite:
         keep = ~regenerate.cpu()
         out[keep] = tokenizer.to_uint8(images.cpu())[keep]

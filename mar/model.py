@@ -288,6 +288,12 @@ class MAR(TokenGenerator):
                         temperature=temperature, generator=generator, options=options, progress=progress)
         return self.unpatchify(tokens)
 
+    def generate(self, batch_size: int, **kwargs) -> torch.Tensor:
+        """Token sequences (B, L, C) by ``mar.generate.masked`` with this model: that loop's keywords (labels,
+        num_iter, cfg, cfg_schedule, temperature, generator, options, progress, and known_tokens / known_mask
+        to edit). Every generator has ``generate``; the pipeline and editing call it."""
+        return masked(self, batch_size, **kwargs)
+
 
 class MaskGIT(MAR):
     """MaskGIT (Chang et al. 2022) on this project's parts: the MAR encoder/decoder over discrete codes with a
@@ -312,6 +318,10 @@ class MaskGIT(MAR):
         tokens = maskgit(self, batch_size, labels=labels, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
                          temperature=temperature, generator=generator, options=options, progress=progress)
         return self.unpatchify(tokens)
+
+    def generate(self, batch_size: int, **kwargs) -> torch.Tensor:
+        """Token sequences (B, L) by ``mar.generate.maskgit`` (its keywords; known_tokens / known_mask edit)."""
+        return maskgit(self, batch_size, **kwargs)
 
 
 def compile_for_sampling(model: MAR, **compile_kwargs) -> MAR:

@@ -19,7 +19,6 @@ import torch
 
 from mar.config.schema import SamplingOptions
 from mar.engine.data import item_seed
-from mar.generate import masked
 
 
 def label_of(i: int, classes: Sequence[int]) -> int:
@@ -54,6 +53,11 @@ def sample_images(model, tokenizer, indices: Sequence[int], classes: Sequence[in
     n = len(indices)
     padded = list(indices) + [indices[-1]] * max(0, pad_to - n)
     labels = torch.tensor([label_of(i, classes) for i in padded], device=device)
-    tokens = masked(model, len(padded), labels=labels, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
-                    temperature=temperature, generator=image_generators(seed, padded, device), options=options)
-    return tokenizer.to_uint8(decode_each(tokenizer, model.unpatchify(tokens[:n]).float())).cpu().numpy()
+    tokens = model.generate(len(padded), labels=labels, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
+                            temperature=temperature, generator=image_generators(seed, padded, device), options=options)
+    return tokenizer.to_uint8(decode_each(tokenizer, decoder_input(model.unpatchify(tokens[:n])))).cpu().numpy()
+
+
+def decoder_input(tokens: torch.Tensor) -> torch.Tensor:
+    """What a tokenizer decodes: continuous tokens in float32 (after any autocast), code indices as they are."""
+    return tokens.float() if tokens.is_floating_point() else tokens

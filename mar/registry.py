@@ -34,6 +34,7 @@ register("mar_large", 1024, 16, 16, 8, 1280)
 register("mar_huge", 1280, 20, 16, 12, 1536)
 # Small models for tests and small data (Fashion-MNIST default).
 register("mar_tiny", 64, 2, 4, 2, 64)
+register("mar_mini", 128, 3, 4, 3, 128)  # the ablation cells (configs/ablations)
 register("mar_small", 192, 4, 6, 3, 256)
 register("mar_medium", 384, 6, 8, 4, 512)
 

@@ -33,6 +33,7 @@ from mar.engine.loop import check_launch
 from mar.eval.classifier import (ClassifierConfig, FashionClassifier, class_accuracy, fashion_mnist_uint8,
                             save_classifier, train_classifier)
 from mar.engine.data import FASHION_MNIST_ROOT
+from mar.eval import ablations
 from mar.eval.metrics import compute_reference_stats, score_folder
 from mar.eval.sample_folders import SETTINGS_FORMAT, default_num_images
 from mar.eval.sample_job import Setting, fill_folder
@@ -170,6 +171,35 @@ def cmd_sweep(args: argparse.Namespace) -> dict:
     return summary
 
 
+def cmd_ablations(args: argparse.Namespace) -> dict:
+    """The MAR paper's Tables 1 and 2 on Fashion-MNIST (mar.eval.ablations): train, sample, score, tabulate."""
+    rows = ablations.ROWS
+    if args.rows:
+        unknown = sorted(set(args.rows) - {r.name for r in rows})
+        if unknown:
+            raise UsageError(f"unknown rows {unknown}: choose from {', '.join(r.name for r in rows)}")
+        rows = [r for r in rows if r.name in args.rows]
+    budget = ablations.Budget(args.steps, args.batch, args.num_images, args.cfg, tuple(args.spread_seeds))
+    try:
+        budget.check()
+    except ValueError as e:
+        raise UsageError(f"evaluate.py ablations: {e}") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    if acc.num_processes != 1:
+        raise UsageError("evaluate.py ablations runs in one process (its training steps launch train.py): "
+                         "run it with python, not accelerate launch")
+    out = Path(args.out).resolve()
+    with lock_folder(out, acc, what="evaluate.py ablations"):
+        text = ablations.run_ablations(acc, out, kl_tokenizer=Path(args.kl_tokenizer), vq_tokenizer=Path(args.vq_tokenizer),
+                                       classifier=Path(args.classifier), fmnist_root=args.fmnist_root, budget=budget,
+                                       rows=rows, sample_batch=args.sample_batch_size)
+    print(text)
+    print(f"wrote {out / 'table.md'}", file=sys.stderr)
+    return {"out": str(out)}
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -225,6 +255,28 @@ def build_parser() -> Parser:
     p.add_argument("--report", metavar="FILE", help="also write a markdown report here")
     add_feature_args(p)
     p.set_defaults(func=cmd_sweep)
+
+    shipped = Path(__file__).resolve().parent / "pretrained" / "fmnist"
+    p = sub.add_parser("ablations", help="the MAR paper's Tables 1 and 2 on Fashion-MNIST: every cell trained for "
+                                         "the same budget, sampled, scored and tabulated (about 55 min on 2 CPU cores)")
+    p.add_argument("--out", default="runs/ablations", metavar="DIR", help="one folder per cell and row, table.md/csv/"
+                                                                         "json and plots (a rerun continues)")
+    p.add_argument("--kl-tokenizer", default=str(shipped / "tokenizer.safetensors"), metavar="FILE")
+    p.add_argument("--vq-tokenizer", default=str(shipped / "vq_tokenizer.safetensors"), metavar="FILE")
+    p.add_argument("--classifier", default=str(shipped / "classifier.safetensors"), metavar="FILE",
+                   help="the Fashion-MNIST feature classifier of the scores")
+    p.add_argument("--fmnist-root", default=FASHION_MNIST_ROOT, metavar="DIR")
+    p.add_argument("--steps", type=int, default=300, help="training steps of every cell (default 300: the CPU budget)")
+    p.add_argument("--batch", type=int, default=64, help="images per training step")
+    p.add_argument("--num-images", type=int, default=100, help="images per row and CFG setting")
+    p.add_argument("--cfg", type=float, default=3.0, help="the with-CFG scale of every row (linear schedule)")
+    p.add_argument("--spread-seeds", type=int, nargs="*", default=[1, 2],
+                   help=f"extra seeds of the {ablations.SPREAD_ROW} cell for the seed-to-seed spread (none: no spread)")
+    p.add_argument("--rows", nargs="+", metavar="ROW", help="only these rows: " +
+                   ", ".join(r.name for r in ablations.ROWS))
+    p.add_argument("--sample-batch-size", type=int, default=50)
+    p.add_argument("--threads", type=int, help="CPU threads of this process (train.py takes OMP_NUM_THREADS)")
+    p.set_defaults(func=cmd_ablations)
     return parser
 
 

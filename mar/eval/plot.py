@@ -1,4 +1,5 @@
-"""A small line plot drawn with PIL (sweep plots: a metric against cfg, one line per temperature).
+"""Small plots drawn with PIL: a line plot (sweeps: a metric against cfg, one line per temperature) and grouped
+bars (the ablation table: a metric per cell, with and without CFG).
 
 The project draws its few plots itself rather than depending on a plotting library.
 """
@@ -67,5 +68,51 @@ def line_plot(series: dict[str, tuple[list[float], list[float]]], path: str | Pa
         ly = top + 10 + 22 * i
         d.line([w - right + 15, ly, w - right + 40, ly], fill=color, width=3)
         d.text((w - right + 46, ly), label, fill="black", font=font, anchor="lm")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def bar_plot(groups: list[str], series: dict[str, list[float]], path: str | Path, title: str = "",
+             ylabel: str = "", size: tuple[int, int] | None = None) -> None:
+    """Write a PNG of grouped bars: one group per label in ``groups``, one bar per series ``label -> values``
+    (a value per group; NaNs leave a gap). Group labels are written under the bars, two lines if long."""
+    n_groups, n_series = len(groups), len(series)
+    w, h = size or (max(720, 90 * n_groups + 200), 480)
+    left, right, top, bottom = 80, 150, 40, 80
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=13)
+    values = [v for vs in series.values() for v in vs if math.isfinite(v)]
+    if not values:
+        raise ValueError("nothing to plot: every value is missing or not finite")
+    y_ticks = _ticks(min(0.0, min(values)), max(values))
+    y0, y1 = y_ticks[0], y_ticks[-1]
+    to_py = lambda y: h - bottom - (y - y0) / ((y1 - y0) or 1) * (h - top - bottom)  # noqa: E731
+    for t in y_ticks:
+        d.line([left - 5, to_py(t), w - right, to_py(t)], fill=(230, 230, 230))
+        d.text((left - 8, to_py(t)), f"{t:.4g}", fill="black", font=font, anchor="rm")
+    slot = (w - left - right) / max(n_groups, 1)
+    bar = slot * 0.8 / max(n_series, 1)
+    for g, label in enumerate(groups):
+        x = left + g * slot + slot * 0.1
+        for s, vs in enumerate(series.values()):
+            v = vs[g]
+            if math.isfinite(v):
+                d.rectangle([x + s * bar, to_py(v), x + (s + 1) * bar - 2, to_py(y0)], fill=COLORS[s % len(COLORS)])
+        words, lines = label.split(), [""]
+        for word in words:  # wrap into lines that fit the slot
+            if lines[-1] and d.textlength(lines[-1] + " " + word, font=font) > slot - 4:
+                lines.append(word)
+            else:
+                lines[-1] = (lines[-1] + " " + word).strip()
+        for i, line in enumerate(lines[:4]):
+            d.text((left + (g + 0.5) * slot, h - bottom + 8 + 15 * i), line, fill="black", font=font, anchor="mt")
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    d.text((10, top - 22), ylabel, fill="black", font=font)
+    d.text(((left + w - right) / 2, 14), title, fill="black", font=font, anchor="mm")
+    for s, label in enumerate(series):
+        ly = top + 10 + 22 * s
+        d.rectangle([w - right + 15, ly - 6, w - right + 35, ly + 6], fill=COLORS[s % len(COLORS)])
+        d.text((w - right + 42, ly), label, fill="black", font=font, anchor="lm")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path)

@@ -203,6 +203,14 @@ def score(folder: Path, ref_stats: str, classifier: str) -> dict:
     return {m: result.get(m) for m in METRICS} | {"seconds_per_image": speed}
 
 
+def seed_spread(per_seed: list[dict]) -> dict:
+    """{metric: {mean, std (sample standard deviation, n - 1), values}} over the seeds' scores."""
+    if len(per_seed) < 2:
+        raise ValueError("a seed spread needs at least two seeds")
+    return {m: {"mean": statistics.mean(v[m] for v in per_seed), "std": statistics.stdev(v[m] for v in per_seed),
+                "values": [v[m] for v in per_seed]} for m in METRICS}
+
+
 def fmt(v, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "—"
@@ -311,7 +319,5 @@ def run_ablations(acc, out: Path, *, kl_tokenizer: Path, vq_tokenizer: Path, cla
             run = load_run(extra[s]["run"]).to(acc.device)
             folders = sample_row(acc, run, spread_row, out / f"{SPREAD_ROW}_seed{s}", budget, sample_batch)
             per_seed.append(score(folders[budget.cfg], str(ref_stats), str(classifier)))
-        spread = {"seeds": [0, *seeds], "cfg": budget.cfg, "metrics": {
-            m: {"mean": statistics.mean(v[m] for v in per_seed), "std": statistics.stdev(v[m] for v in per_seed),
-                "values": [v[m] for v in per_seed]} for m in METRICS}}
+        spread = {"seeds": [0, *seeds], "cfg": budget.cfg, "metrics": seed_spread(per_seed)}
     return write_table(results, spread, kv, out, budget, time.perf_counter() - t0)

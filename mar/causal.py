@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from mar import orders as orders_mod
 from mar.generate import causal
 from mar.heads import DiffusionHeadSpec, HeadSpec
-from mar.model import TokenGenerator
+from mar.model import TokenGenerator, init_transformer
 
 CAUSAL_ORDERS = ("raster", "random")
 
@@ -128,20 +128,8 @@ class CausalAR(TokenGenerator):
 
     def initialize_weights(self, generator: torch.Generator | None = None) -> None:
         """N(0, 0.02) embeddings and tokens; xavier-uniform Linears with zero bias; unit LayerNorms (as MAR)."""
-        params = [self.class_emb.weight, self.fake_latent, self.start_token, self.pos_embed_learned,
-                  self.query_pos_embed_learned]
-        if isinstance(self.z_proj, nn.Embedding):
-            params.append(self.z_proj.weight)
-        for p in params:
-            nn.init.normal_(p, std=0.02, generator=generator)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight, generator=generator)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_transformer(self, [self.class_emb.weight, self.fake_latent, self.start_token, self.pos_embed_learned,
+                                self.query_pos_embed_learned], generator)
 
     # ---------------------------------------------------------------- orders and inputs
     def make_orders(self, batch_size: int, generator=None, device=None) -> torch.Tensor:

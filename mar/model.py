@@ -35,6 +35,24 @@ from mar.heads import DiffusionHeadSpec, HeadSpec
 MAR_B_HEAD = DiffusionHeadSpec(depth=6, width=1024)  # the published MAR-B Diffusion Loss head
 
 
+def init_transformer(module: nn.Module, normal: list[torch.Tensor], generator: torch.Generator | None) -> None:
+    """The reference's initialisation, in its order of draws: N(0, 0.02) for the tensors ``normal`` (then for a
+    code embedding table ``module.z_proj``, discrete tokens only: no draw otherwise), then xavier-uniform for
+    every Linear (zero bias) and unit LayerNorms, in module order."""
+    if isinstance(getattr(module, "z_proj", None), nn.Embedding):
+        normal = [*normal, module.z_proj.weight]
+    for p in normal:
+        nn.init.normal_(p, std=0.02, generator=generator)
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight, generator=generator)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class TokenGenerator(nn.Module):
     """What every generator of the family shares: the token sequence layout (``patchify`` / ``unpatchify``),
     the class vectors (``class_emb``, ``fake_latent``) and the head registered under its spec's name.
@@ -175,19 +193,9 @@ class MAR(TokenGenerator):
 
     def initialize_weights(self, generator: torch.Generator | None = None) -> None:
         """N(0, 0.02) embeddings and tokens; xavier-uniform Linears with zero bias; unit LayerNorms."""
-        for p in (self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
-                  self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
-            nn.init.normal_(p, std=0.02, generator=generator)
-        if isinstance(self.z_proj, nn.Embedding):  # discrete tokens: a code embedding table (no draw otherwise)
-            nn.init.normal_(self.z_proj.weight, std=0.02, generator=generator)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight, generator=generator)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_transformer(self, [self.class_emb.weight, self.fake_latent, self.mask_token,
+                                self.encoder_pos_embed_learned, self.decoder_pos_embed_learned,
+                                self.diffusion_pos_embed_learned], generator)
 
     # ---------------------------------------------------------------- encoder / decoder
     def _blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:

@@ -31,8 +31,46 @@ LOGVAR_RANGE = (-30.0, 20.0)  # clamp of diffusers' DiagonalGaussianDistribution
 _SAVE_FORMAT = "mar-kl-vae-v1"
 
 
+class ConvAutoencoderLayout:
+    """What the KL-VAE and VQ configs share (methods only; each dataclass has the fields ``block_out_channels``
+    and ``encoder_attention``): the stride, diffusers' block types, plain-data conversion, the image-size check."""
+
+    @property
+    def stride(self) -> int:
+        """Image pixels per token along each axis (one 2x downsample between levels)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def down_block_types(self) -> tuple[str, ...]:
+        last = "AttnDownEncoderBlock2D" if self.encoder_attention else "DownEncoderBlock2D"
+        return ("DownEncoderBlock2D",) * (len(self.block_out_channels) - 1) + (last,)
+
+    @property
+    def up_block_types(self) -> tuple[str, ...]:
+        return ("UpDecoderBlock2D",) * len(self.block_out_channels)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        """Build from plain data; unknown keys raise with the list of valid ones."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys: {valid}")
+        return cls(**values)
+
+    def check_image_size(self, height: int, width: int) -> None:
+        if height % self.stride or width % self.stride:
+            raise ValueError(
+                f"image size {height}x{width} is not divisible by the tokenizer stride {self.stride}; "
+                f"resize/crop images to a multiple of {self.stride}."
+            )
+
+
 @dataclass(frozen=True)
-class KLVAEConfig:
+class KLVAEConfig(ConvAutoencoderLayout):
     """Architecture of an LDM-style KL-VAE (defaults: KL-16 widths; scaling_factor 1.0 = uncalibrated)."""
 
     in_channels: int = 3
@@ -63,39 +101,6 @@ class KLVAEConfig:
         if not (isinstance(self.scaling_factor, (int, float)) and math.isfinite(self.scaling_factor)
                 and self.scaling_factor > 0):
             raise ValueError(f"scaling_factor must be a finite number > 0, got {self.scaling_factor!r}")
-
-    @property
-    def stride(self) -> int:
-        """Image pixels per latent pixel along each axis (one 2x downsample between levels)."""
-        return 2 ** (len(self.block_out_channels) - 1)
-
-    @property
-    def down_block_types(self) -> tuple[str, ...]:
-        last = "AttnDownEncoderBlock2D" if self.encoder_attention else "DownEncoderBlock2D"
-        return ("DownEncoderBlock2D",) * (len(self.block_out_channels) - 1) + (last,)
-
-    @property
-    def up_block_types(self) -> tuple[str, ...]:
-        return ("UpDecoderBlock2D",) * len(self.block_out_channels)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> KLVAEConfig:
-        """Build from plain data; unknown keys raise with the list of valid ones."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown KLVAEConfig keys {unknown}; valid keys: {valid}")
-        return cls(**values)
-
-    def check_image_size(self, height: int, width: int) -> None:
-        if height % self.stride or width % self.stride:
-            raise ValueError(
-                f"image size {height}x{width} is not divisible by the tokenizer stride {self.stride}; "
-                f"resize/crop images to a multiple of {self.stride}."
-            )
 
 
 KL_VAE_PRESETS: dict[str, KLVAEConfig] = {

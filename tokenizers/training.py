@@ -179,14 +179,21 @@ class KLVAEObjective(nn.Module):
         if self.discriminator is not None:
             parts.append(("disc", self.discriminator, self.config.disc_lr_mult))
         for name, module, mult in parts:
-            decay, no_decay = [], []
-            for pname, p in module.named_parameters():
-                (no_decay if p.ndim < 2 or pname.endswith(".bias") else decay).append(p)
+            decay, no_decay = decay_split(module.named_parameters())
             for suffix, params, wd in (("decay", decay, weight_decay), ("no_decay", no_decay, 0.0)):
                 if params:
                     groups.append({"name": f"{name}_{suffix}", "params": params, "lr": lr * mult,
                                    "lr_mult": mult, "weight_decay": wd})
         return groups
+
+
+def decay_split(named_parameters) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(decay, no_decay) of ``(name, parameter)`` pairs: weights of 2 or more dims decay; 1-D tensors (norms) and
+    biases do not (the usual AdamW grouping)."""
+    decay, no_decay = [], []
+    for name, p in named_parameters:
+        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    return decay, no_decay
 
 
 @torch.no_grad()

@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from diffusers import VQModel
 from torch import nn
 
-from .kl_vae import KLTokenizer
+from .kl_vae import ConvAutoencoderLayout, KLTokenizer
+from .training import decay_split
 
 _SAVE_FORMAT = "mar-vq-v1"
 _KL_SAVE_FORMAT = "mar-kl-vae-v1"  # kl_vae._SAVE_FORMAT, named in the error for a KL file
@@ -60,7 +61,7 @@ def _check_positive_int(name: str, value: Any, low: int = 1) -> None:
 
 
 @dataclass(frozen=True)
-class VQConfig:
+class VQConfig(ConvAutoencoderLayout):
     """Architecture of a VQGAN-style tokenizer (defaults: the KL-16 widths, 16x16 codes at 256 px, 1024 codes).
 
     The encoder/decoder are the KL-VAE's (same block types, so the same stride for the same widths); the encoder
@@ -102,39 +103,6 @@ class VQConfig:
         if not (isinstance(self.scaling_factor, (int, float)) and math.isfinite(self.scaling_factor)
                 and self.scaling_factor > 0):
             raise ValueError(f"scaling_factor must be a finite number > 0, got {self.scaling_factor!r}")
-
-    @property
-    def stride(self) -> int:
-        """Image pixels per code along each axis (one 2x downsample between levels)."""
-        return 2 ** (len(self.block_out_channels) - 1)
-
-    @property
-    def down_block_types(self) -> tuple[str, ...]:
-        last = "AttnDownEncoderBlock2D" if self.encoder_attention else "DownEncoderBlock2D"
-        return ("DownEncoderBlock2D",) * (len(self.block_out_channels) - 1) + (last,)
-
-    @property
-    def up_block_types(self) -> tuple[str, ...]:
-        return ("UpDecoderBlock2D",) * len(self.block_out_channels)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> VQConfig:
-        """Build from plain data; unknown keys raise with the list of valid ones."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown VQConfig keys {unknown}; valid keys: {valid}")
-        return cls(**values)
-
-    def check_image_size(self, height: int, width: int) -> None:
-        if height % self.stride or width % self.stride:
-            raise ValueError(
-                f"image size {height}x{width} is not divisible by the tokenizer stride {self.stride}; "
-                f"resize/crop images to a multiple of {self.stride}."
-            )
 
 
 VQ_PRESETS: dict[str, VQConfig] = {
@@ -584,11 +552,7 @@ class VQObjective(nn.Module):
         """AdamW groups, each with ``lr_mult`` (1.0): the network split into decay / no decay (1-D tensors and
         biases), and the codebook alone without weight decay (decay would pull codes to 0)."""
         codebook = self.tokenizer.codebook
-        decay, no_decay = [], []
-        for pname, p in self.tokenizer.named_parameters():
-            if p is codebook:
-                continue
-            (no_decay if p.ndim < 2 or pname.endswith(".bias") else decay).append(p)
+        decay, no_decay = decay_split((n, p) for n, p in self.tokenizer.named_parameters() if p is not codebook)
         groups = []
         for name, params, wd in (("vq_decay", decay, weight_decay), ("vq_no_decay", no_decay, 0.0),
                                  ("codebook", [codebook], 0.0)):

@@ -124,11 +124,7 @@ class KLVAEObjective(nn.Module):
         super().__init__()
         self.config = config or VAETrainConfig()
         cfg = tokenizer.config
-        if cfg.in_channels != cfg.out_channels:
-            raise ValueError(
-                f"the tokenizer maps {cfg.in_channels} to {cfg.out_channels} channels; a reconstruction "
-                "objective needs in_channels == out_channels"
-            )
+        check_reconstructs(cfg)
         self.tokenizer = tokenizer
         self.discriminator: PatchDiscriminator | None = None
         if self.config.use_discriminator:
@@ -185,6 +181,13 @@ class KLVAEObjective(nn.Module):
                     groups.append({"name": f"{name}_{suffix}", "params": params, "lr": lr * mult,
                                    "lr_mult": mult, "weight_decay": wd})
         return groups
+
+
+def check_reconstructs(config) -> None:
+    """A reconstruction objective needs as many output channels as input channels."""
+    if config.in_channels != config.out_channels:
+        raise ValueError(f"the tokenizer maps {config.in_channels} to {config.out_channels} channels; a "
+                         "reconstruction objective needs in_channels == out_channels")
 
 
 def decay_split(named_parameters) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

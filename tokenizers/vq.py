@@ -49,7 +49,7 @@ from diffusers import VQModel
 from torch import nn
 
 from .kl_vae import ConvAutoencoderLayout, KLTokenizer
-from .training import decay_split
+from .training import check_reconstructs, decay_split
 
 _SAVE_FORMAT = "mar-vq-v1"
 _KL_SAVE_FORMAT = "mar-kl-vae-v1"  # kl_vae._SAVE_FORMAT, named in the error for a KL file
@@ -467,11 +467,7 @@ class VQObjective(nn.Module):
         super().__init__()
         self.config = config or VQTrainConfig()
         cfg = tokenizer.config
-        if cfg.in_channels != cfg.out_channels:
-            raise ValueError(
-                f"the tokenizer maps {cfg.in_channels} to {cfg.out_channels} channels; a reconstruction "
-                "objective needs in_channels == out_channels"
-            )
+        check_reconstructs(cfg)
         self.tokenizer = tokenizer
         device = tokenizer.codebook.device
         self.register_buffer("unused_steps", torch.zeros(cfg.codebook_size, dtype=torch.long, device=device))

@@ -91,27 +91,20 @@ class CausalAR(TokenGenerator):
         proj_dropout: float = 0.1,
         order: str = "raster",
         head: HeadSpec = DiffusionHeadSpec(depth=6, width=1024),
+        kv_cache: bool = True,
         grad_checkpointing: bool = False,
         generator: torch.Generator | None = None,
     ):
         super().__init__()
-        if img_size % (vae_stride * patch_size) != 0:
-            raise ValueError(f"img_size {img_size} is not divisible by vae_stride*patch_size = "
-                             f"{vae_stride * patch_size}: choose an image size that is a multiple of it")
+        self._set_sequence(img_size, vae_stride, patch_size, token_channels, head)
         if order not in CAUSAL_ORDERS:
             raise ValueError(f"unknown order {order!r} for a causal generator: use one of {', '.join(CAUSAL_ORDERS)}")
-        if getattr(head, "kind", "continuous") == "discrete" and patch_size != 1:
-            raise ValueError(f"discrete tokens (code indices) need patch_size 1, got {patch_size}")
         if buffer_size < 1:
             raise ValueError(f"a causal generator needs buffer_size >= 1 (the class tokens), got {buffer_size}")
-        self.img_size, self.vae_stride, self.patch_size = img_size, vae_stride, patch_size
-        self.token_channels, self.order = token_channels, order
-        self.seq_h = self.seq_w = img_size // vae_stride // patch_size
-        self.seq_len = self.seq_h * self.seq_w
-        self.token_embed_dim = token_channels * patch_size**2
+        self.order = order
         self.num_classes, self.buffer_size, self.label_drop_prob = num_classes, buffer_size, label_drop_prob
         self.grad_checkpointing = grad_checkpointing
-        self.kv_cache = True  # generation default (``sample_tokens(kv_cache=...)`` overrides it)
+        self.kv_cache = kv_cache  # generation default (``sample_tokens(kv_cache=...)`` overrides it)
         norm = partial(nn.LayerNorm, eps=1e-6)
         self.class_emb = nn.Embedding(num_classes, embed_dim)
         self.fake_latent = nn.Parameter(torch.zeros(1, embed_dim))
@@ -164,11 +157,16 @@ class CausalAR(TokenGenerator):
                 x = block_forward(blk, x, cache)
         return self.norm(x)
 
+    def in_order(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """x (B, L, ...) by position -> x_{o_0}, ..., x_{o_{L-1}} (B, L, ...)."""
+        idx = order.view(x.shape[0], self.seq_len, *([1] * (x.dim() - 2))).expand_as(x)
+        return torch.gather(x, 1, idx)
+
     def conditions(self, x: torch.Tensor, order: torch.Tensor, class_embedding: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: z (B, L, D), z_i the condition of token x_{o_i}; x (B, L, ...) by position."""
-        b = x.shape[0]
-        idx = order.view(b, self.seq_len, *([1] * (x.dim() - 2))).expand_as(x)
-        ordered = torch.gather(x, 1, idx)  # x_{o_0}, ..., x_{o_{L-1}}
+        return self._conditions_in_order(self.in_order(x, order), order, class_embedding)
+
+    def _conditions_in_order(self, ordered: torch.Tensor, order: torch.Tensor, class_embedding: torch.Tensor):
         seq = torch.cat([self.buffer(class_embedding), self.inputs(None, None, order[:, :1]),
                          self.inputs(ordered[:, :-1], order[:, :-1], order[:, 1:])], dim=1)
         return self.run_blocks(seq)[:, self.buffer_size:]
@@ -180,14 +178,11 @@ class CausalAR(TokenGenerator):
         self.check_labels(labels)
         x = self.patchify(tokens)
         b = x.shape[0]
-        class_embedding = self.class_emb(labels)
-        if self.training and self.label_drop_prob > 0:
-            drop = orders_mod.rand((b,), generator, x.device) < self.label_drop_prob
-            class_embedding = torch.where(drop.unsqueeze(-1), self.fake_latent.to(class_embedding.dtype), class_embedding)
+        class_embedding = self.train_class_embedding(labels, generator, x.device)
         order = self.make_orders(b, generator, x.device)
-        z = self.conditions(x, order, class_embedding)  # (B, L, D)
-        idx = order.view(b, self.seq_len, *([1] * (x.dim() - 2))).expand_as(x)
-        target = torch.gather(x, 1, idx).detach().reshape(b * self.seq_len, *x.shape[2:])
+        ordered = self.in_order(x, order)  # the targets, and (shifted by one) the inputs
+        z = self._conditions_in_order(ordered, order, class_embedding)  # (B, L, D)
+        target = ordered.detach().reshape(b * self.seq_len, *x.shape[2:])
         return self.head.loss(target, z.reshape(b * self.seq_len, -1), None, generator=generator)
 
     # ---------------------------------------------------------------- generation

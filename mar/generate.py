@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from diffloss.loss import autocast_region
 from mar.config.schema import SamplingOptions
-from mar.orders import known_first, make_orders
+from mar.orders import known_first, make_orders, rand
 from mar.schedules import cfg_scales, check_guidance, generation_schedule
 
 
@@ -55,31 +55,41 @@ def masked(model, batch_size: int, *, labels: Tensor | None = None, num_iter: in
     """
     options = SamplingOptions() if options is None else options
     check_guidance(cfg, temperature)
-    head = model.head
-    device, dtype = model.fake_latent.device, model.fake_latent.dtype
+    device = model.fake_latent.device
     b, L = batch_size, model.seq_len
-    if isinstance(generator, (list, tuple)) and len(generator) != b:
-        raise ValueError(f"got {len(generator)} generators for a batch of {b}: pass one per sample")
+    tokens, known_mask = _start(model, b, generator, known_tokens, known_mask)
     class_embedding = model.embed_labels(labels, b)  # (B, D)
-    tokens = torch.zeros(b, L, *head.token_shape, device=device, dtype=head.token_dtype if head.kind == "discrete"
-                         else dtype)
-    if known_mask is None:
-        known_mask = torch.zeros(b, L, dtype=torch.bool, device=device)
-    else:
-        known_mask, tokens = _check_known(known_tokens, known_mask, tokens)
     orders = known_first(make_orders(order, b, L, generator, device), known_mask)
-    unknown = (~known_mask).sum(1).tolist()
-    groups: dict[int, list[int]] = defaultdict(list)
-    for row, u in enumerate(unknown):
-        groups[u].append(row)
     with autocast_region(model, device.type, options.autocast_dtype):  # no-op on the exact path
-        for u, rows in groups.items():
-            if u == 0:
-                continue
-            idx = torch.tensor(rows, device=device)
+        for u, rows, idx in _groups_by_unknown(known_mask):
             tokens[idx] = _masked_rows(model, tokens[idx], orders[idx], class_embedding[idx], u, min(num_iter, u),
                                        cfg, cfg_schedule, temperature, _select(generator, rows), options, progress)
     return tokens
+
+
+def _start(model, b: int, generator, known_tokens: Tensor | None = None, known_mask: Tensor | None = None
+           ) -> tuple[Tensor, Tensor]:
+    """(tokens (b, L, *token_shape), known mask (b, L) bool) a generation loop starts from, after the checks:
+    one generator or b of them; zeros in the head's token dtype (codes int64, else the model's float dtype) with
+    the known tokens written in (no known tokens: an all-False mask)."""
+    if isinstance(generator, (list, tuple)) and len(generator) != b:
+        raise ValueError(f"got {len(generator)} generators for a batch of {b}: pass one per sample")
+    head, device = model.head, model.fake_latent.device
+    dtype = head.token_dtype if head.kind == "discrete" else model.fake_latent.dtype
+    tokens = torch.zeros(b, model.seq_len, *head.token_shape, device=device, dtype=dtype)
+    if known_mask is None:
+        return tokens, torch.zeros(b, model.seq_len, dtype=torch.bool, device=device)
+    known_mask, tokens = _check_known(known_tokens, known_mask, tokens)
+    return tokens, known_mask
+
+
+def _groups_by_unknown(known_mask: Tensor) -> list[tuple[int, list[int], Tensor]]:
+    """(U, rows, rows as an index tensor) for each unknown count U > 0 among the rows, in order of first row:
+    rows with the same count share one schedule and run as one batch (U = 0 rows stay as given)."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for row, u in enumerate((~known_mask).sum(1).tolist()):
+        groups[u].append(row)
+    return [(u, rows, torch.tensor(rows, device=known_mask.device)) for u, rows in groups.items() if u > 0]
 
 
 def _check_known(known_tokens: Tensor | None, known_mask: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
@@ -131,11 +141,6 @@ def _masked_rows(model, tokens: Tensor, orders: Tensor, class_embedding: Tensor,
     return tokens
 
 
-def _check_generators(generator, b: int) -> None:
-    if isinstance(generator, (list, tuple)) and len(generator) != b:
-        raise ValueError(f"got {len(generator)} generators for a batch of {b}: pass one per sample")
-
-
 @torch.no_grad()
 def causal(model, batch_size: int, *, labels: Tensor | None = None, cfg: float = 1.0, cfg_schedule: str = "linear",
            temperature: float = 1.0, generator=None, options: SamplingOptions | None = None, kv_cache: bool = True,
@@ -154,7 +159,7 @@ def causal(model, batch_size: int, *, labels: Tensor | None = None, cfg: float =
     head = model.head
     device, dtype = model.fake_latent.device, model.fake_latent.dtype
     b, L = batch_size, model.seq_len
-    _check_generators(generator, b)
+    tokens, _ = _start(model, b, generator)
     class_embedding = model.embed_labels(labels, b)
     order = model.make_orders(b, generator, device)  # (b, L), first position first
     scales = cfg_scales(cfg, cfg_schedule, L, generation_schedule(L, L))
@@ -163,9 +168,8 @@ def causal(model, batch_size: int, *, labels: Tensor | None = None, cfg: float =
     order2 = torch.cat([order, order]) if use_cfg else order
     if use_cfg:
         class_embedding = torch.cat([class_embedding, model.embed_labels(None, b)])
-    token_dtype = head.token_dtype if head.kind == "discrete" else dtype
-    tokens = torch.zeros(b, L, *head.token_shape, device=device, dtype=token_dtype)
-    generated = torch.zeros(order2.shape[0], L, *head.token_shape, device=device, dtype=token_dtype)  # in order
+    token_dtype = tokens.dtype
+    generated = tokens.new_zeros(order2.shape[0], *tokens.shape[1:])  # the tokens in generation order
     caches = [{} for _ in model.blocks] if kv_cache else None
     rows = torch.arange(b, device=device)
     with autocast_region(model, device.type, options.autocast_dtype):  # no-op in fp32
@@ -215,22 +219,10 @@ def maskgit(model, batch_size: int, *, labels: Tensor | None = None, num_iter: i
     if head.kind != "discrete" or not hasattr(head, "sample_with_confidence"):
         raise ValueError("MaskGIT decoding needs a categorical head (discrete tokens): set model.head=categorical")
     device = model.fake_latent.device
-    b, L = batch_size, model.seq_len
-    _check_generators(generator, b)
-    class_embedding = model.embed_labels(labels, b)
-    tokens = torch.zeros(b, L, dtype=head.token_dtype, device=device)
-    if known_mask is None:
-        known_mask = torch.zeros(b, L, dtype=torch.bool, device=device)
-    else:
-        known_mask, tokens = _check_known(known_tokens, known_mask, tokens)
-    groups: dict[int, list[int]] = defaultdict(list)
-    for row, u in enumerate((~known_mask).sum(1).tolist()):
-        groups[u].append(row)
+    tokens, known_mask = _start(model, batch_size, generator, known_tokens, known_mask)
+    class_embedding = model.embed_labels(labels, batch_size)
     with autocast_region(model, device.type, options.autocast_dtype):
-        for u, rows in groups.items():
-            if u == 0:
-                continue
-            idx = torch.tensor(rows, device=device)
+        for u, rows, idx in _groups_by_unknown(known_mask):
             tokens[idx] = _maskgit_rows(model, tokens[idx], known_mask[idx], class_embedding[idx], u,
                                         min(num_iter, u), cfg, cfg_schedule, temperature, _select(generator, rows),
                                         options, progress)
@@ -241,8 +233,6 @@ def _maskgit_rows(model, tokens: Tensor, fixed: Tensor, class_embedding: Tensor,
                   cfg: float, cfg_schedule: str, temperature: float, generator, options: SamplingOptions,
                   progress: bool) -> Tensor:
     """MaskGIT decoding of rows that share one unknown count U: tokens (b, L), fixed (b, L) bool."""
-    from mar.orders import rand
-
     b, L = tokens.shape
     masked_after = generation_schedule(num_unknown, num_iter)
     scales = cfg_scales(cfg, cfg_schedule, num_unknown, masked_after)

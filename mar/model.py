@@ -79,6 +79,31 @@ class TokenGenerator(nn.Module):
         self._head_name = head.module_name
         self.add_module(head.module_name, head.build(token_dim, z_channels, generator))
 
+    def _set_sequence(self, img_size: int, vae_stride: int, patch_size: int, token_channels: int, head) -> None:
+        """Check the sizes and set the sequence layout: seq_h = seq_w = img_size / (vae_stride * patch_size),
+        seq_len = L, token_embed_dim = C (token_channels * patch_size**2)."""
+        if img_size % (vae_stride * patch_size) != 0:
+            raise ValueError(
+                f"img_size {img_size} is not divisible by vae_stride*patch_size = {vae_stride * patch_size}: "
+                "choose an image size that is a multiple of it"
+            )
+        if getattr(head, "kind", "continuous") == "discrete" and patch_size != 1:
+            raise ValueError(f"discrete tokens (code indices) need patch_size 1, got {patch_size}")
+        self.img_size, self.vae_stride, self.patch_size = img_size, vae_stride, patch_size
+        self.token_channels = token_channels
+        self.seq_h = self.seq_w = img_size // vae_stride // patch_size
+        self.seq_len = self.seq_h * self.seq_w
+        self.token_embed_dim = token_channels * patch_size**2  # C
+
+    def train_class_embedding(self, labels: torch.Tensor, generator, device) -> torch.Tensor:
+        """class_emb(labels) (B, D), each row replaced by the fake "no class" latent with probability
+        ``label_drop_prob`` while training (one uniform per row from ``generator``: CFG's unconditional rows)."""
+        class_embedding = self.class_emb(labels)
+        if self.training and self.label_drop_prob > 0:
+            drop = orders.rand((labels.shape[0],), generator, device) < self.label_drop_prob
+            class_embedding = torch.where(drop.unsqueeze(-1), self.fake_latent.to(class_embedding.dtype), class_embedding)
+        return class_embedding
+
     # ---------------------------------------------------------------- tokens <-> sequences
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, c, H, W) -> (B, L, c*p*p): row-major over positions, channel-major inside a token.
@@ -145,24 +170,13 @@ class MAR(TokenGenerator):
         ``mask_ratio_schedule``: the training mask ratio, ``truncnorm`` (MAR, the reference) or ``cosine``
         (MaskGIT's r = cos(pi/2 u)); see ``mar.schedules.MASK_RATIO_SCHEDULES``."""
         super().__init__()
-        if img_size % (vae_stride * patch_size) != 0:
-            raise ValueError(
-                f"img_size {img_size} is not divisible by vae_stride*patch_size = {vae_stride * patch_size}: "
-                "choose an image size that is a multiple of it"
-            )
+        self._set_sequence(img_size, vae_stride, patch_size, token_channels, head)
         if not 0.0 < mask_ratio_min <= 1.0:
             raise ValueError(f"mask_ratio_min must be in (0, 1], got {mask_ratio_min}")
         if mask_ratio_schedule not in schedules.MASK_RATIO_SCHEDULES:
             raise ValueError(f"unknown mask_ratio_schedule {mask_ratio_schedule!r}: use one of "
                              f"{', '.join(schedules.MASK_RATIO_SCHEDULES)}")
-        if getattr(head, "kind", "continuous") == "discrete" and patch_size != 1:
-            raise ValueError(f"discrete tokens (code indices) need patch_size 1, got {patch_size}")
         self.mask_ratio_schedule = mask_ratio_schedule
-        self.img_size, self.vae_stride, self.patch_size = img_size, vae_stride, patch_size
-        self.token_channels = token_channels
-        self.seq_h = self.seq_w = img_size // vae_stride // patch_size
-        self.seq_len = self.seq_h * self.seq_w
-        self.token_embed_dim = token_channels * patch_size**2  # C
         self.num_classes, self.buffer_size = num_classes, buffer_size
         self.label_drop_prob, self.mask_ratio_min = label_drop_prob, mask_ratio_min
         self.grad_checkpointing = grad_checkpointing
@@ -237,10 +251,7 @@ class MAR(TokenGenerator):
         self.check_labels(labels)
         x = self.patchify(tokens)  # (B, L, C)
         b = x.shape[0]
-        class_embedding = self.class_emb(labels)
-        if self.training and self.label_drop_prob > 0:
-            drop = orders.rand((b,), generator, x.device) < self.label_drop_prob
-            class_embedding = torch.where(drop.unsqueeze(-1), self.fake_latent.to(class_embedding.dtype), class_embedding)
+        class_embedding = self.train_class_embedding(labels, generator, x.device)
         order = orders.random_orders(b, self.seq_len, generator, x.device)
         if self.mask_ratio_schedule == "truncnorm":
             ratio = schedules.sample_mask_ratio(generator, self.mask_ratio_min)
@@ -323,8 +334,8 @@ class MaskGIT(MAR):
         """(B, h, w) codes by ``mar.generate.maskgit`` (``options.choice_temperature`` is its pick noise)."""
         if keywords:
             raise ValueError(f"MaskGIT takes its sampler settings as options, not {sorted(keywords)}")
-        tokens = maskgit(self, batch_size, labels=labels, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
-                         temperature=temperature, generator=generator, options=options, progress=progress)
+        tokens = self.generate(batch_size, labels=labels, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
+                               temperature=temperature, generator=generator, options=options, progress=progress)
         return self.unpatchify(tokens)
 
     def generate(self, batch_size: int, **kwargs) -> torch.Tensor:

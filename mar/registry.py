@@ -88,9 +88,7 @@ def create_model(name: str, arch: str = "mar", head: str = "diffloss", **kwargs)
                depth=args.pop("encoder_depth") + args.pop("decoder_depth"))
     for key in ("decoder_embed_dim", "decoder_num_heads"):
         args.pop(key)
-    model = CausalAR(head=spec, order=order or "raster", **enc, **args)
-    model.kv_cache = kv_cache is not False  # sample_tokens' default
-    return model
+    return CausalAR(head=spec, order=order or "raster", kv_cache=kv_cache is not False, **enc, **args)
 
 
 def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from mar.eval.ablations import uses_vq
 from mar.pipeline import sample_images
 from mar.run import load_run
 
@@ -34,7 +35,7 @@ def tokenizers(tmp_path_factory):
 
 def train(cell: str, out: Path, tokenizers: Path, steps: int) -> subprocess.CompletedProcess:
     cfg = ROOT / "configs" / "ablations" / f"{cell}.yaml"
-    vq = "vq_" in cfg.read_text()
+    vq = uses_vq(cell)
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(cfg), "--model.preset=mar_tiny",
            f"--tokenizer.checkpoint={tokenizers / ('vq' if vq else 'kl')}.safetensors",
            "--data.kind=fashion_mnist", f"--data.path={FIXTURE}", "--optim.batch_size=4",

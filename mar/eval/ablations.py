@@ -24,7 +24,6 @@ import csv
 import io
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -34,12 +33,15 @@ from pathlib import Path
 
 import torch
 
+from mar.config.loader import load_config
+from mar.config.schema import TrainConfig
 from mar.eval.metrics import compute_reference_stats, score_folder
 from mar.eval.plot import bar_plot
 from mar.eval.sample_folders import SETTINGS_FORMAT
 from mar.eval.sample_job import Setting, fill_folder
 from mar.io import write_json, write_text
 from mar.run import load_run
+from tokenizers import tokenizer_kind
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "ablations"
@@ -110,7 +112,9 @@ def log(message: str) -> None:
 
 
 def uses_vq(cell: str) -> bool:
-    return "vq_" in (CONFIGS / f"{cell}.yaml").read_text()
+    """Whether a cell's tokenizer is the VQ one (its codes, or its latent as continuous tokens)."""
+    preset = load_config(TrainConfig, CONFIGS / f"{cell}.yaml").tokenizer.preset
+    return tokenizer_kind(preset) == "discrete"
 
 
 def train_cmd(cell: str, out: Path, tokenizer: Path, cache: Path, budget: Budget, seed: int) -> list[str]:

@@ -46,14 +46,19 @@ class Setting:
         return S.setting_folder_name(self.cfg, self.temperature, self.num_iter if with_iter else None)
 
 
+def tokenizer_state(tokenizer) -> dict:
+    """The tensors a folder's key fingerprints: a KL tokenizer's VAE (the keys folders made before the VQ
+    tokenizer hold), any other tokenizer's own state dict."""
+    return getattr(tokenizer, "vae", tokenizer).state_dict()
+
+
 def settings_key(run: Run, setting: Setting, seed: int, classes) -> dict:
     """What the images of a folder depend on (a folder made with another key is refused). The layout of the
     earlier sample.py is kept, so folders it made stay resumable: options at their defaults add no key."""
     o = setting.options
     key = {"mar_weights_sha256": S.fingerprint(run.state_dict), "ema": run.ema,
            "model": {"preset": run.preset, **run.model_kwargs},
-           "tokenizer_sha256": S.fingerprint(getattr(run.tokenizer, "vae", run.tokenizer).state_dict(),
-                                             run.tokenizer.config.to_dict()),
+           "tokenizer_sha256": S.fingerprint(tokenizer_state(run.tokenizer), run.tokenizer.config.to_dict()),
            "num_sampling_steps": getattr(run.model.head, "num_sampling_steps", None), "precision": o.precision,
            "sampler": o.sampler,
            "eta": o.eta, "diffusion_steps": list(o.diffusion_steps_schedule) if o.diffusion_steps_schedule else None,
@@ -62,8 +67,8 @@ def settings_key(run: Run, setting: Setting, seed: int, classes) -> dict:
         key["diffusion_steps_shape"] = o.diffusion_steps_shape
     if o.clip_denoised is not None:  # absent = the reference sampler
         key["clip_denoised"] = o.clip_denoised
-    for name, default in (("top_k", None), ("top_p", None), ("choice_temperature", 4.5)):  # categorical heads
-        if getattr(o, name) != default:
+    for name in ("top_k", "top_p", "choice_temperature"):  # categorical heads; at their defaults no key
+        if getattr(o, name) != getattr(SamplingOptions, name):
             key[name] = getattr(o, name)
     return {**key, "cfg": setting.cfg, "temperature": setting.temperature, "num_iter": setting.num_iter}
 
@@ -147,8 +152,7 @@ def fill_edit_folder(acc, run: Run, out: Path, images: torch.Tensor, masks: torc
     in ``inputs/``, ``grid.png`` (one row per input: input | mask | results) and ``settings.json``. A rerun with
     the same key makes only the missing results; a folder of other edits is refused."""
     v, total = variations, len(images) * variations
-    tok_state = getattr(run.tokenizer, "vae", run.tokenizer).state_dict()
-    key = {"weights": S.fingerprint(run.state_dict), "tokenizer": S.fingerprint(tok_state),
+    key = {"weights": S.fingerprint(run.state_dict), "tokenizer": S.fingerprint(tokenizer_state(run.tokenizer)),
            "inputs": names, "inputs_sha256": S.fingerprint({"x": images.cpu(), "m": masks.cpu()}), "labels": labels,
            "variations": v, "seed": seed, "cfg": setting.cfg, "temperature": setting.temperature,
            "num_iter": setting.num_iter, "cfg_schedule": setting.cfg_schedule, "options": vars(setting.options),

@@ -1,6 +1,8 @@
 """Image tokenizers behind one interface (``base.Tokenizer``): the KL-VAE (LDM architecture on diffusers'
 AutoencoderKL), its checkpoint conversion and its training objective; and the VQ tokenizer (VQGAN-style, on
-diffusers' VQModel) with its objective and continuous view.
+diffusers' VQModel) with its objective and continuous view; and VAR's multi-scale residual VQVAE
+(``multiscale``: config, presets, tokenizer; ``multiscale_blocks``: encoder / decoder; ``multiscale_quant``: the
+quantizer) with its objective (``multiscale_training``, HART's hybrid training included).
 
 Note: this top-level package shadows Hugging Face's ``tokenizers``; nothing here uses that one.
 """
@@ -23,6 +25,17 @@ from .training import (
     estimate_scaling_factor,
     hinge_d_loss,
 )
+from .multiscale import (
+    MULTISCALE_PRESETS,
+    MultiScaleQuantizer,
+    MultiScaleVQConfig,
+    MultiScaleVQVAE,
+    multiscale_preset,
+    pyramid_teacher_inputs,
+    pyramid_to_fhat,
+    residual_pyramid,
+)
+from .multiscale_training import MultiScaleVQObjective
 from .vq import (
     VQ_PRESETS,
     VQConfig,
@@ -40,6 +53,11 @@ __all__ = [
     "KLTokenizer",
     "KLVAEConfig",
     "KLVAEObjective",
+    "MULTISCALE_PRESETS",
+    "MultiScaleQuantizer",
+    "MultiScaleVQConfig",
+    "MultiScaleVQObjective",
+    "MultiScaleVQVAE",
     "PatchDiscriminator",
     "Tokenizer",
     "VAETrainConfig",
@@ -59,8 +77,12 @@ __all__ = [
     "hinge_d_loss",
     "kl_vae_preset",
     "ldm_key_for",
+    "multiscale_preset",
     "open_tokenizer",
+    "pyramid_teacher_inputs",
+    "pyramid_to_fhat",
     "read_state_dict_file",
+    "residual_pyramid",
     "tokenizer_kind",
     "vq_preset",
 ]

@@ -18,6 +18,8 @@ Every user error is one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -124,8 +126,9 @@ def cmd_sweep(args: argparse.Namespace) -> dict:
     """Sample every cfg x temperature setting (mar.eval.sample_job), score each folder, tabulate, plot, pick the best."""
     if (args.ref is None) == (args.ref_stats is None):
         raise UsageError("sweep needs exactly one of --ref (images or fashion_mnist:SPLIT) and --ref-stats (file)")
-    if len(args.cfg) * len(args.temperature) < 2:
-        raise UsageError("a sweep needs at least two settings: give several --cfg and/or --temperature values")
+    if len(args.cfg) * len(args.temperature) * len(args.top_k or [0]) * len(args.top_p or [0]) < 2:
+        raise UsageError("a sweep needs at least two settings: give several --cfg, --temperature, --top-k and/or "
+                         "--top-p values")
     if min(v for v in (args.sample_batch_size, args.num_images, args.per_class) if v is not None) < 1:
         raise UsageError("--sample-batch-size, --num-images and --per-class must be >= 1")
     features = feature_kwargs(args)
@@ -135,23 +138,24 @@ def cmd_sweep(args: argparse.Namespace) -> dict:
     classes = list(range(run.model.num_classes))
     n = args.per_class * len(classes) if args.per_class else args.num_images or default_num_images(len(classes))
     defaults = run.sample_defaults
-    options = cli.options_from_args(args, defaults)
+    options = cli.options_from_args(args, defaults, swept=("top_k", "top_p"))
     num_iter = args.num_iter or min(defaults.num_iter, run.model.seq_len)
     for cfg in args.cfg:
         for temperature in args.temperature:
             check_guidance(cfg, temperature)
+    points = sweep_points(args, options)  # every check before anything is written
     out = Path(args.out).resolve()
     record = {"format": SETTINGS_FORMAT, "num_images": n, "label_rule": "label(i) = classes[i % len(classes)]",
               "weights": {"mar": str(run.weights.resolve()), "tokenizer": str(run.tokenizer_path.resolve())}}
     folders = []
     with lock_folder(out, acc, what="evaluate.py sweep"):
-        for cfg in args.cfg:
-            for temperature in args.temperature:
-                setting = Setting(cfg, temperature, num_iter, args.cfg_schedule or defaults.cfg_schedule, options)
-                folder = out / setting.folder_name()
-                fill_folder(acc, run, folder, setting, classes, n, args.seed, args.sample_batch_size, record,
-                            command=["evaluate.py", "sweep", *args.argv])
-                folders.append((cfg, temperature, folder))
+        for point, point_options in points:
+            setting = Setting(point["cfg"], point["temperature"], num_iter, args.cfg_schedule or defaults.cfg_schedule,
+                              point_options)
+            folder = out / (setting.folder_name() + top_suffix(point))
+            fill_folder(acc, run, folder, setting, classes, n, args.seed, args.sample_batch_size, record,
+                        command=["evaluate.py", "sweep", *args.argv])
+            folders.append((point, folder))
         if not acc.is_main_process:
             return {}
         ref_stats = args.ref_stats
@@ -160,15 +164,39 @@ def cmd_sweep(args: argparse.Namespace) -> dict:
             if not os.path.exists(ref_stats):
                 compute_reference_stats(args.ref, ref_stats, format="ours", **features)
         features.pop("fmnist_root", None)
-        summary = write_sweep(score_settings(folders, ref_stats, features), out, ref_stats, args.temperature)
+        summary = write_sweep(score_settings(folders, ref_stats, features), out, ref_stats)
     print(json.dumps(summary, indent=2))
     best, key = summary["best"], summary["primary_metric"]
-    print(f"best setting by {key}: cfg {best['cfg']}, temperature {best['temperature']} -> {best[key]:.4g}",
+    tops = "".join(f", {k.replace('_', '-')} {best[k]}" for k in ("top_k", "top_p") if k in best)
+    print(f"best setting by {key}: cfg {best['cfg']}, temperature {best['temperature']}{tops} -> {best[key]:.4g}",
           file=sys.stderr)
     if args.report:
         write_report(summary, args.report)
         print(f"wrote {args.report}", file=sys.stderr)
     return summary
+
+
+def sweep_points(args: argparse.Namespace, options) -> list[tuple[dict, object]]:
+    """The settings of a sweep, cfg x temperature (x top-k x top-p when those are given as lists): (the swept
+    values, the sampler options of that point); each point's options are checked here, before any folder."""
+    axes = {"cfg": args.cfg, "temperature": args.temperature}
+    for name in ("top_k", "top_p"):
+        if getattr(args, name):
+            axes[name] = getattr(args, name)
+    points = []
+    for values in itertools.product(*axes.values()):
+        point = dict(zip(axes, values))
+        tops = {k: point[k] for k in ("top_k", "top_p") if k in point}
+        try:
+            points.append((point, dataclasses.replace(options, **tops)))
+        except ValueError as e:
+            raise UsageError(f"evaluate.py sweep: {e}") from None
+    return points
+
+
+def top_suffix(point: dict) -> str:
+    """``_topk900_topp0.96`` for the swept top-k / top-p values of a point ('' when they are not swept)."""
+    return "".join(f"_{k.replace('_', '')}{point[k]}" for k in ("top_k", "top_p") if k in point)
 
 
 def cmd_ablations(args: argparse.Namespace) -> dict:
@@ -235,7 +263,8 @@ def build_parser() -> Parser:
     p.add_argument("--threads", type=int, help="CPU threads (on a busy machine 1 can be several times faster)")
     p.set_defaults(func=cmd_train_classifier)
 
-    p = sub.add_parser("sweep", help="sample + score a grid of cfg x temperature; table, plot and best setting")
+    p = sub.add_parser("sweep", help="sample + score a grid of cfg x temperature (x top-k x top-p); table, plot "
+                                      "and best setting")
     cli.add_weights_args(p, "sample.py's default weights")
     p.add_argument("--cfg", type=float, nargs="+", required=True)
     p.add_argument("--temperature", type=float, nargs="+", default=[1.0])
@@ -244,8 +273,9 @@ def build_parser() -> Parser:
     n.add_argument("--per-class", type=int, help="images per class and setting")
     p.add_argument("--num-iter", type=int)
     p.add_argument("--cfg-schedule", choices=("linear", "constant"))
-    fast = p.add_argument_group("sampler options (opt-in; the defaults are the run's, else the exact reference)")
-    cli.add_option_args(fast)
+    fast = p.add_argument_group("sampler options (opt-in; the defaults are the run's, else the exact reference); "
+                                "--top-k and --top-p take several values to sweep them")
+    cli.add_option_args(fast, lists=True)
     p.add_argument("--sample-batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     ref = p.add_mutually_exclusive_group()

@@ -14,7 +14,7 @@ from mar.registry import PRESETS
 from mar.run import Run, load_run
 
 OPTION_FLAGS = ("sampler", "eta", "diffusion_steps", "diffusion_steps_shape", "precision", "clip_denoised", "top_k",
-                "top_p", "choice_temperature")
+                "top_p", "choice_temperature", "more_smooth")
 
 
 def parse_clip_denoised(text: str) -> float:
@@ -53,8 +53,10 @@ def add_generation_args(p: argparse.ArgumentParser, lists: bool = True) -> None:
                                          "reference)"))
 
 
-def add_option_args(fast) -> None:
-    """The ``SamplingOptions`` flags (each defaults to the run's ``sample:`` value)."""
+def add_option_args(fast, lists: bool = False) -> None:
+    """The ``SamplingOptions`` flags (each defaults to the run's ``sample:`` value); ``lists``: --top-k and --top-p
+    take several values (a sweep's axes)."""
+    many = {"nargs": "+"} if lists else {}
     fast.add_argument("--precision", choices=tuple(PRECISIONS), help="autocast dtype of the generator and head")
     fast.add_argument("--sampler", choices=("ddpm", "ddim"), help="diffusion sampler of the head")
     fast.add_argument("--eta", type=float, help="DDIM noise (0 = deterministic)")
@@ -64,10 +66,13 @@ def add_option_args(fast) -> None:
     fast.add_argument("--clip-denoised", type=parse_clip_denoised, metavar="R|off",
                       help="guard: clamp the head's predicted x0 to [-R, R] at every diffusion step (token units); "
                            "'off' = the reference sampler (default: the run's sample.clip_denoised, else off)")
-    fast.add_argument("--top-k", type=int, metavar="K", help="categorical heads: sample among the K most likely codes "
+    fast.add_argument("--top-k", type=int, metavar="K", **many, help="categorical heads: sample among the K most likely codes "
                                                              "(ties kept; default: all)")
-    fast.add_argument("--top-p", type=float, metavar="P", help="categorical heads: sample in the nucleus of mass P "
+    fast.add_argument("--top-p", type=float, metavar="P", **many, help="categorical heads: sample in the nucleus of mass P "
                                                                "(0 < P <= 1; default: all)")
+    fast.add_argument("--more-smooth", action=argparse.BooleanOptionalAction, default=None,
+                      help="next-scale (VAR) models: Gumbel-softmax mixtures of code embeddings instead of sampled codes "
+                           "(the reference's visualisation option; off in its FID protocol)")
     fast.add_argument("--choice-temperature", type=float, metavar="T",
                       help="MaskGIT: scale of the Gumbel noise on the pick confidence, annealed to 0 (default 4.5)")
 
@@ -80,14 +85,16 @@ def run_from_args(args: argparse.Namespace, default=None) -> Run:
                     ema=args.ema, num_sampling_steps=args.num_sampling_steps, **kwargs)
 
 
-def options_from_args(args: argparse.Namespace, defaults: SampleConfig) -> SamplingOptions:
-    """The sampler options: each flag given wins over the run's ``sample:`` value (``--clip-denoised off`` = None)."""
+def options_from_args(args: argparse.Namespace, defaults: SampleConfig, swept: tuple[str, ...] = ()) -> SamplingOptions:
+    """The sampler options: each flag given wins over the run's ``sample:`` value (``--clip-denoised off`` = None);
+    the ``swept`` options (lists: a sweep's axes) keep the run's value here."""
     given = {"sampler": args.sampler, "eta": args.eta, "precision": args.precision,
              "diffusion_steps_schedule": tuple(args.diffusion_steps) if args.diffusion_steps else None,
              "diffusion_steps_shape": args.diffusion_steps_shape,
              "clip_denoised": None if args.clip_denoised is None else (args.clip_denoised or "off"),
-             "top_k": args.top_k, "top_p": args.top_p, "choice_temperature": args.choice_temperature}
-    values = {k: getattr(defaults, k) if v is None else v for k, v in given.items()}
+             "top_k": args.top_k, "top_p": args.top_p, "choice_temperature": args.choice_temperature,
+             "more_smooth": getattr(args, "more_smooth", None)}
+    values = {k: getattr(defaults, k) if v is None or k in swept else v for k, v in given.items()}
     if values["clip_denoised"] == "off":
         values["clip_denoised"] = None
     if args.sampler == "ddpm" and args.eta is None:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from mar.config.schema import SamplingOptions
-from mar.pipeline import decode_each, decoder_input, image_generators
+from mar.pipeline import decode_each, decoder_input, image_generators, model_device
 
 REGIONS = ("lower-half", "upper-half", "left-half", "right-half", "center:S", "box:X0,Y0,X1,Y1")
 
@@ -92,7 +92,7 @@ def edit_tokens(model, tokenizer, images: torch.Tensor, regenerate: torch.Tensor
     ``images`` (n, C, H, W) in [-1, 1] at the model's image size, ``regenerate`` (n, H, W) bool (True = make
     anew), ``labels`` (n,) the class to generate under (None: unconditional). The settings are sample.py's.
     """
-    device = model.fake_latent.device
+    device = model_device(model)
     if images.dim() != 4 or images.shape[-2:] != (model.img_size, model.img_size):
         raise ValueError(f"images must be (n, C, {model.img_size}, {model.img_size}) for this model, got "
                          f"{tuple(images.shape)}")

@@ -21,6 +21,11 @@ from mar.config.schema import SamplingOptions
 from mar.engine.data import item_seed
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a generator's weights are on (every generator of the family has parameters)."""
+    return next(model.parameters()).device
+
+
 def label_of(i: int, classes: Sequence[int]) -> int:
     """Class of image i: classes[i % K]."""
     return int(classes[i % len(classes)])
@@ -49,7 +54,7 @@ def sample_images(model, tokenizer, indices: Sequence[int], classes: Sequence[in
     The batch is padded to ``pad_to`` samples (repeats of the last index, dropped after), so every batch of a
     run has the same shapes and picks the same kernels.
     """
-    device = model.fake_latent.device
+    device = model_device(model)
     n = len(indices)
     padded = list(indices) + [indices[-1]] * max(0, pad_to - n)
     labels = torch.tensor([label_of(i, classes) for i in padded], device=device)

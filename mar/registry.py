@@ -45,8 +45,59 @@ def preset_kwargs(name: str) -> dict[str, int]:
     return dict(PRESETS[name])
 
 
-GENERATORS = {"mar": MAR, "maskgit": MaskGIT, "causal": CausalAR}
-HEAD_SPECS = ("diffloss", "categorical")
+GENERATORS = {"mar": MAR, "maskgit": MaskGIT, "causal": CausalAR, "var": None}  # var: create_next_scale
+HEAD_SPECS = ("diffloss", "categorical", "hybrid")
+# The ModelConfig keys a next-scale model does not read (MAR's masking, buffer and dropouts; VAR has none).
+_MAR_ONLY = ("buffer_size", "mask_ratio_min", "mask_ratio_schedule", "attn_dropout", "proj_dropout", "order",
+             "kv_cache", "patch_size", "img_size", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+
+
+def create_next_scale(name: str, head: str = "categorical", *, token_channels: int, token_dim: int | None = None,
+                      patch_nums=None, vae_stride: int | None = None, label_drop_prob: float = 0.1,
+                      diffloss_depth: int | None = None, diffloss_width: int | None = None,
+                      num_sampling_steps=None, diffusion_batch_mul: int = 4, grad_checkpointing: bool = False,
+                      encoder_embed_dim: int | None = None, encoder_depth: int | None = None,
+                      encoder_num_heads: int | None = None, **kwargs):
+    """A next-scale generator from a VAR preset (``mar.next_scale.VAR_PRESETS``, var_d*): ``head`` categorical
+    (VAR: ``token_channels`` = the codebook size V, ``token_dim`` = its vectors' channels), hybrid (HART, the same
+    plus the residual Diffusion Loss head, 8 sampling steps unless ``num_sampling_steps``) or diffloss
+    (continuous next-scale: ``token_channels`` = the latent channels, ``patch_nums`` required).
+    ``encoder_embed_dim`` / ``encoder_depth`` / ``encoder_num_heads`` override the preset's width, depth, heads;
+    ``label_drop_prob`` is VAR's class dropout. MAR-only keys (buffer, mask ratio, dropouts) are ignored."""
+    from mar.hart import HART_RESIDUAL_STEPS, HART
+    from mar.next_scale import VAR, VAR_PRESETS, create_var
+    from mar.next_scale_diffusion import NextScaleDiffusion
+
+    if name not in VAR_PRESETS:
+        create_var(name)  # the one message listing the valid presets
+    for key in _MAR_ONLY:
+        kwargs.pop(key, None)
+    args = dict(VAR_PRESETS[name])
+    args.update({k: v for k, v in (("embed_dim", encoder_embed_dim), ("depth", encoder_depth),
+                                   ("num_heads", encoder_num_heads)) if v is not None})
+    if encoder_depth is not None:
+        args["drop_path_rate"] = 0.1 * encoder_depth / 24
+    args.update(kwargs, cond_drop_rate=label_drop_prob)
+    if patch_nums is not None:
+        args["patch_nums"] = tuple(patch_nums)
+    head_sizes = dict(diffloss_depth=diffloss_depth or 3, diffloss_width=diffloss_width or 256,
+                      diffusion_batch_mul=diffusion_batch_mul, grad_checkpointing=grad_checkpointing)
+    if head == "categorical":
+        model = VAR(vocab_size=token_channels, token_dim=token_dim or 32, **args)
+    elif head == "hybrid":
+        model = HART(vocab_size=token_channels, token_dim=token_dim or 32, **head_sizes,
+                     num_sampling_steps=num_sampling_steps or HART_RESIDUAL_STEPS, **args)
+    elif head == "diffloss":
+        if patch_nums is None:
+            raise ValueError("continuous next-scale needs patch_nums (the scales of the latent pyramid)")
+        model = NextScaleDiffusion(token_dim=token_channels, **head_sizes, num_sampling_steps=num_sampling_steps or "100",
+                                   **args)
+    else:
+        raise ValueError(f"unknown head {head!r} for a next-scale model: use categorical (VAR), hybrid (HART) or "
+                         "diffloss (continuous)")
+    if vae_stride is not None:
+        model.vae_stride = vae_stride
+    return model
 
 
 def create_model(name: str, arch: str = "mar", head: str = "diffloss", **kwargs) -> MAR:
@@ -66,6 +117,10 @@ def create_model(name: str, arch: str = "mar", head: str = "diffloss", **kwargs)
         raise ValueError(f"unknown generator arch {arch!r}: use one of {', '.join(GENERATORS)}")
     if head not in HEAD_SPECS:
         raise ValueError(f"unknown head {head!r}: use one of {', '.join(HEAD_SPECS)}")
+    if arch == "var":
+        return create_next_scale(name, head, **kwargs)
+    if head == "hybrid":
+        raise ValueError("head 'hybrid' (HART) is for arch 'var'")
     args = preset_kwargs(name)
     args.update({k: v for k, v in kwargs.items() if v is not None})
     depth, width = args.pop("diffloss_depth"), args.pop("diffloss_width")

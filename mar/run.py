@@ -56,8 +56,11 @@ class Run:
 
     @property
     def sample_defaults(self) -> SampleConfig:
-        """The run's ``sample:`` section (its own cfg, num_iter, guard...), or the library defaults."""
-        return SampleConfig(**((self.config or {}).get("sample") or {}))
+        """The run's ``sample:`` section (its own cfg, num_iter, guard...), or the library defaults; a
+        next-scale model's num_iter is its number of scales."""
+        defaults = SampleConfig(**((self.config or {}).get("sample") or {}))
+        scales = getattr(self.model, "num_scales", None)
+        return dataclasses.replace(defaults, num_iter=scales) if scales else defaults
 
     @property
     def name(self) -> str:
@@ -121,13 +124,38 @@ def read_weights(path: Path, ema: bool) -> tuple[dict, dict | None, dict | None]
         unsafe = []
     if unsafe:  # a published reference file (pickled argparse args): no config of ours
         return load_reference_mar_state_dict(path, ema=ema), None, None
+    bare = _published_var_state(path)
+    if bare is not None:  # a published var_d*.pth (or a VAR training checkpoint): no config, no EMA
+        return bare, None, None
     ckpt = load_checkpoint(path)
+    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):  # a bare state dict, not a generator's
+        tokenizer = "quantize.embedding.weight" in ckpt or any(k.startswith(("encoder.", "decoder.")) for k in ckpt)
+        what = "it holds a tokenizer (VQVAE / VAE): pass it with --tokenizer" if tokenizer else \
+            f"its keys are {sorted(ckpt)[:5]}"
+        raise CheckpointError(f"{path} is a bare state dict but not generator weights: {what}")
     names = ("model_ema", "ema") if ema else ("model",)
     state = next((ckpt[n] for n in names if isinstance(ckpt.get(n), dict)), None)
     if state is None:
         raise CheckpointError(f"{path} has no {' or '.join(names)} weights (keys: {', '.join(map(str, ckpt))}); "
                               f"try {'--no-ema' if ema else '--ema'}")
+    if not ema and ((ckpt.get("config") or {}).get("model") or {}).get("arch") == "var":
+        state = {k.removeprefix("model."): v for k, v in state.items()}  # the training objective's "model." prefix
     return state, ckpt.get("config"), None
+
+
+def _published_var_state(path: Path) -> dict | None:
+    """The state dict of a published VAR transformer file (a bare dict of tensors with VAR's keys, or a reference
+    training checkpoint's ['trainer']['var_wo_ddp']), or None for any other file."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    trainer = obj.get("trainer") if isinstance(obj, dict) else None
+    state = trainer.get("var_wo_ddp") if isinstance(trainer, dict) else obj
+    if isinstance(state, dict) and "pos_1LC" in state and "class_emb.weight" in state \
+            and all(isinstance(v, torch.Tensor) for v in state.values()):
+        return dict(state)
+    return None
 
 
 def find_tokenizer(given, run: Path | None, config: dict | None, weights: Path) -> Path:
@@ -159,7 +187,9 @@ def load_tokenizer(path: Path, expected: dict | None, config: dict | None, prese
             want = type(tok.config).from_dict(expected)
         except (TypeError, ValueError):
             want = None
-        if want is None or dataclasses.replace(tok.config, scaling_factor=want.scaling_factor) != want:
+        same = (dataclasses.replace(tok.config, scaling_factor=want.scaling_factor) if hasattr(want, "scaling_factor")
+                else tok.config) if want is not None else None
+        if want is None or same != want:
             raise ValueError(f"tokenizer {path} is not the one the model was trained with ({tok.config} vs {expected})")
         tok.config = want
     elif t.get("scaling_factor") is not None:
@@ -170,6 +200,8 @@ def load_tokenizer(path: Path, expected: dict | None, config: dict | None, prese
 def build_model(state: dict, config: dict | None, preset: str | None, tok: KLTokenizer, path: Path, steps
                 ) -> tuple[MAR, str, dict]:
     """(MAR with the weights loaded, preset, kwargs): sizes from our config, or from ``preset`` and the shapes."""
+    if ((config or {}).get("model") or {}).get("arch") == "var" or (config is None and "pos_1LC" in state):
+        return build_next_scale(state, config, preset, tok, path, steps)
     if config is not None:
         kwargs = dict(config["model"])
         own = kwargs.pop("preset")
@@ -195,6 +227,48 @@ def build_model(state: dict, config: dict | None, preset: str | None, tok: KLTok
     except ValueError as e:
         raise ValueError(f"--model {preset}: {e} ({guess_preset(state)})") from None
     return model.eval(), preset, kwargs
+
+
+def build_next_scale(state: dict, config: dict | None, preset: str | None, tok, path: Path, steps):
+    """(VAR / HART / continuous next-scale model with the weights loaded and the tokenizer attached, preset,
+    kwargs): sizes from our config, or for a published var_d*.pth from ``preset`` (var_d16...) and the shapes."""
+    from mar.next_scale import VAR_PRESETS, _materialise
+    from mar.registry import create_next_scale
+
+    multiscale = tok.kind == "multiscale"
+    if config is not None:
+        kwargs = dict(config["model"])
+        own = kwargs.pop("preset")
+        if preset and preset != own:
+            raise ValueError(f"{path} holds a {own} model (from its config) but --model says {preset}: drop --model")
+        preset = own
+        for key, value in (("vae_stride", tok.stride), ("token_channels", tok.token_channels)):
+            if kwargs.pop(key) != value:
+                raise ValueError(f"the model was trained with {key}={config['model'][key]}, the tokenizer has {value}: "
+                                 "pass the tokenizer of the run with --tokenizer")
+        kwargs.pop("arch")
+    else:
+        if preset not in VAR_PRESETS:
+            depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+            raise ValueError(f"{path} is a published VAR transformer without a config: pass --model var_d{depth} "
+                             f"(presets: {', '.join(VAR_PRESETS)}) and --tokenizer vae_ch160v4096z32.pth "
+                             "--tokenizer-preset var_vqvae")
+        if not multiscale or tok.token_channels != state["head.weight"].shape[0]:
+            raise ValueError(f"{path} needs its multi-scale VQVAE (codebook {state['head.weight'].shape[0]} codes): "
+                             "pass --tokenizer vae_ch160v4096z32.pth --tokenizer-preset var_vqvae")
+        kwargs = {"head": "categorical", "num_classes": state["class_emb.weight"].shape[0] - 1}
+    if multiscale:
+        kwargs["patch_nums"] = tuple(tok.patch_nums)
+        kwargs["token_dim"] = tok.config.z_channels
+    if steps is not None:
+        if kwargs.get("head", "categorical") == "categorical":
+            raise ValueError("--num-sampling-steps sets a Diffusion Loss head's steps; VAR has a categorical head")
+        kwargs["num_sampling_steps"] = str(steps)
+    model = create_next_scale(preset, vae_stride=tok.stride, token_channels=tok.token_channels, device="meta",
+                              **kwargs)
+    _materialise(model, "cpu")
+    load_state_dict_strict(model, state, source=str(path))
+    return model.eval().attach(tok), preset, kwargs
 
 
 def guess_preset(state: dict[str, torch.Tensor]) -> str:

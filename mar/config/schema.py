@@ -31,10 +31,16 @@ class ModelConfig:
     # with MaskGIT's cosine mask ratio and confidence decoding), ``causal`` (decoder-only AR, KV cache);
     # ``order`` of a causal generator (MAR and MaskGIT train on random orders); ``head`` diffloss (continuous
     # tokens) or categorical (cross-entropy over codes; its MLP sizes are diffloss_depth / diffloss_width).
-    arch: Literal["mar", "maskgit", "causal"] = "mar"
+    # ``var``: next-scale prediction (VAR, coarse to fine over a scale pyramid; presets var_d*), with head
+    # categorical (VAR, on a multi-scale VQ), hybrid (HART: VAR's scales + a residual Diffusion Loss head, on a
+    # hybrid multi-scale tokenizer) or diffloss (continuous next-scale over a KL-VAE latent's residual pyramid).
+    # MAR's own fields (buffer_size, mask_ratio_min, attn/proj dropout, diffusion_batch_mul for var+categorical)
+    # do not apply to var; label_drop_prob is VAR's class dropout (cond_drop_rate).
+    arch: Literal["mar", "maskgit", "causal", "var"] = "mar"
     order: Literal["random", "raster"] = "random"
-    head: Literal["diffloss", "categorical"] = "diffloss"
+    head: Literal["diffloss", "categorical", "hybrid"] = "diffloss"
     kv_cache: bool | None = None  # causal generation with a KV cache (None = on for causal)
+    patch_nums: Optional[list[int]] = None  # var: the scales (side of each token map; None = the tokenizer's)
     img_size: int = 256
     vae_stride: int = 16
     patch_size: int = 1
@@ -73,6 +79,20 @@ class ModelConfig:
                "raster order is for model.arch=causal")
         _check(self.arch != "maskgit" or self.head == "categorical",
                "head must be 'categorical' for arch 'maskgit' (it picks codes by their probability)")
+        _check(self.head != "hybrid" or self.arch == "var",
+               "head 'hybrid' (HART) is for model.arch=var: set model.arch=var or pick head diffloss/categorical")
+        _check(self.patch_nums is None or self.arch == "var",
+               f"patch_nums is for model.arch=var (next-scale), got arch {self.arch!r}: drop model.patch_nums")
+        if self.patch_nums is not None:
+            pn = self.patch_nums
+            _check(isinstance(pn, (list, tuple)) and len(pn) >= 2
+                   and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pn)
+                   and all(a < b for a, b in zip(pn, pn[1:])),
+                   f"patch_nums must be a strictly increasing list of >= 2 positive ints (e.g. [1, 2, 3, 4, 6, 8]), "
+                   f"got {pn!r}")
+            _check(pn[-1] * self.vae_stride == self.img_size,
+                   f"patch_nums must end at the latent side img_size / vae_stride = {self.img_size // self.vae_stride},"
+                   f" got {pn[-1]}: the last scale is the full token map")
         try:
             respace_timesteps(NUM_TRAIN_TIMESTEPS, self.num_sampling_steps)
         except ValueError:
@@ -88,6 +108,9 @@ class TokenizerConfig:
     scaling_factor: float | None = None  # None = the tokenizer's own factor
     in_channels: int | None = None  # None = the preset's (3); 1 for grey images
     continuous: bool = False  # a VQ tokenizer's pre-quantization latent as continuous tokens (MAR paper, Table 2)
+    # multi-scale (VAR) tokenizers: train the decoder on f_hat and on f_hat + residual, half of the time each
+    # (HART's hybrid tokenizer, arXiv 2410.10812 Sec. 3.1); the tokenizer file records it
+    hybrid: bool = False
 
 
 @dataclass
@@ -171,7 +194,8 @@ class SamplingOptions:
     model's fixed count); ``precision`` bf16 / fp16 runs the generator and the head under autocast;
     ``clip_denoised`` r clamps the head's predicted x0 to [-r, r] at every diffusion step (IDDPM's
     ``clip_denoised`` in token units; it keeps a briefly trained head stable). ``top_k`` / ``top_p`` /
-    ``choice_temperature`` are the categorical head's and MaskGIT's (ignored by the Diffusion Loss head).
+    ``choice_temperature`` are the categorical head's and MaskGIT's (ignored by the Diffusion Loss head);
+    ``more_smooth`` is the next-scale (VAR) sampler's.
     """
 
     sampler: Literal["ddpm", "ddim"] = "ddpm"
@@ -185,6 +209,9 @@ class SamplingOptions:
     top_k: Optional[int] = None
     top_p: Optional[float] = None
     choice_temperature: float = 4.5
+    # Next-scale (VAR) generators: each scale's code embeddings as a Gumbel-softmax mixture instead of the sampled
+    # codes (the reference's ``more_smooth``, for visualisation; never in its FID protocol).
+    more_smooth: bool = False
 
     def __post_init__(self) -> None:
         from mar.categorical import check_top
@@ -193,6 +220,7 @@ class SamplingOptions:
         _check(isinstance(self.choice_temperature, (int, float)) and not isinstance(self.choice_temperature, bool)
                and 0 <= self.choice_temperature < float("inf"),
                f"choice_temperature must be a finite number >= 0, got {self.choice_temperature!r}")
+        _check(isinstance(self.more_smooth, bool), f"more_smooth must be true or false, got {self.more_smooth!r}")
         _check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got "
                                              f"{self.precision!r}")
         check_sampling_options(self.sampler, self.eta, self.autocast_dtype, self.clip_denoised)
@@ -252,13 +280,30 @@ class TrainConfig:
     vq: VQTrainConfig = field(default_factory=VQTrainConfig)  # used when task = tokenizer (VQ presets)
 
     def __post_init__(self) -> None:
-        """The parts must fit: a categorical head needs discrete tokens, Diffusion Loss continuous ones."""
+        """The parts must fit: a categorical head needs discrete tokens, Diffusion Loss continuous ones, a
+        next-scale categorical or hybrid head a multi-scale tokenizer."""
         try:
             kind = tokenizer_kind(self.tokenizer.preset, self.tokenizer.continuous)
         except ValueError as e:
             raise ValueError(f"tokenizer.preset: {e}") from None
+        _check(not self.tokenizer.hybrid or kind == "multiscale",
+               f"tokenizer.hybrid is for multi-scale tokenizers (HART), got {self.tokenizer.preset!r} ({kind}): "
+               "use a multi-scale preset (msvq_*, var_vqvae) or drop tokenizer.hybrid")
         if self.task != "mar":
             return
+        m = self.model
+        if m.arch == "var" and m.head in ("categorical", "hybrid"):
+            _check(kind == "multiscale", f"model.arch=var with head {m.head} needs a multi-scale tokenizer "
+                   f"(msvq_*, var_vqvae), got {self.tokenizer.preset!r} ({kind} tokens): change tokenizer.preset, or "
+                   "set model.head=diffloss for continuous next-scale on a KL tokenizer")
+            _check(m.patch_nums is None, "model.patch_nums must be null for VAR/HART: the scales are the multi-scale "
+                   "tokenizer's (its patch_nums)")
+            return
+        _check(kind != "multiscale", f"the multi-scale tokenizer {self.tokenizer.preset!r} is for model.arch=var "
+               "with head categorical (VAR) or hybrid (HART)")
+        _check(m.arch != "var" or m.patch_nums is not None,
+               "continuous next-scale (model.arch=var, head diffloss) needs model.patch_nums, the scales of the "
+               "latent pyramid (e.g. [1, 2, 3, 4, 6, 8] for 8x8 latents)")
         want = "discrete" if self.model.head == "categorical" else "continuous"
         if kind != want:
             fix = ("use a VQ tokenizer preset (vq_*) without tokenizer.continuous" if want == "discrete" else

@@ -29,9 +29,12 @@ from mar.engine.checkpoint import export_safetensors
 from mar.engine.data import build_dataset, save_latent_cache
 from mar.engine.loop import param_groups
 from mar.io import atomic_write, write_grid
+from mar.pipeline import model_device
 from mar.registry import create_model
 from tokenizers import compute_scaling_factor, open_tokenizer, tokenizer_kind
 from tokenizers.training import KLVAEObjective, estimate_scaling_factor
+from tokenizers.multiscale import MultiScaleVQVAE, multiscale_preset
+from tokenizers.multiscale_training import MultiScaleVQObjective
 from tokenizers.vq import VQObjective, VQTokenizer, vq_preset
 
 
@@ -56,8 +59,14 @@ class MARTask:
     def dataset(self):
         return build_dataset(self.cfg.data, self.cfg.train.seed)
 
+    @property
+    def next_scale(self) -> bool:
+        return self.cfg.model.arch == "var"
+
     def build(self, device) -> nn.Module:
         self.tokenizer = build_tokenizer(self.cfg).to(device).eval().requires_grad_(False)
+        if self.next_scale:
+            return NextScaleObjective(build_next_scale(self.cfg, self.tokenizer).to(device), self.tokenizer)
         m = dataclasses.asdict(self.cfg.model)
         tok = self.tokenizer
         if m.pop("vae_stride") != tok.stride or m.pop("token_channels") != tok.token_channels:
@@ -69,13 +78,17 @@ class MARTask:
                             generator=torch.Generator().manual_seed(self.cfg.train.seed), **m).to(device)
 
     def ema_source(self, module: nn.Module) -> nn.Module:
-        return module
+        return module.model if isinstance(module, NextScaleObjective) else module
 
     def param_groups(self, module: nn.Module, lr: float) -> list[dict]:
+        if isinstance(module, NextScaleObjective):
+            return module.model.param_groups(self.cfg.optim.weight_decay)
         return param_groups(module, self.cfg.optim.weight_decay, (f"{module._head_name}.",))
 
     def loss(self, module, batch, step: int, generator: torch.Generator):
         x, y = batch
+        if self.next_scale:
+            return module(x, y, cached=self.cfg.data.kind == "latents", generator=generator)
         if self.cfg.data.kind == "latents":  # cached moments (KL) or latents (VQ): draw / look up the tokens
             tokens = self.tokenizer.sample_from_moments(x, generator=generator)
         else:
@@ -93,12 +106,16 @@ class MARTask:
         """A grid from the EMA weights: one row per class (up to 10 classes), 8 samples per row."""
         s = self.cfg.sample
         classes = min(self.cfg.model.num_classes, 10)
-        labels = torch.arange(classes, device=ema.fake_latent.device).repeat_interleave(8)
+        labels = torch.arange(classes, device=model_device(ema)).repeat_interleave(8)
         g = torch.Generator(labels.device).manual_seed(self.cfg.train.seed)
-        tokens = ema.sample_tokens(len(labels), num_iter=min(s.num_iter, ema.seq_len), cfg=s.cfg,
+        if self.next_scale:
+            ema.attach(self.tokenizer)
+        tokens = ema.sample_tokens(len(labels), num_iter=None if self.next_scale else min(s.num_iter, ema.seq_len),
+                                   cfg=s.cfg,
                                    cfg_schedule=s.cfg_schedule, labels=labels, temperature=s.temperature,
                                    generator=g, options=s.sampling_options())
-        write_grid(self.tokenizer.to_uint8(self.tokenizer.decode(tokens)).cpu().numpy(), 8, path)
+        write_grid(self.tokenizer.to_uint8(self.tokenizer.decode(ema.unpatchify(tokens) if self.next_scale else tokens))
+                   .cpu().numpy(), 8, path)
 
     def export(self, ema: nn.Module, module: nn.Module, dataset, run_dir: Path, device) -> Path:
         """The EMA weights with the training config and the tokenizer config in the metadata."""
@@ -107,22 +124,74 @@ class MARTask:
         return export_safetensors(ema.state_dict(), run_dir / "mar_ema.safetensors", meta)
 
 
+def build_next_scale(cfg: TrainConfig, tokenizer) -> nn.Module:
+    """The configured next-scale generator (VAR / HART on a multi-scale tokenizer, continuous next-scale on a KL
+    one), sized from the tokenizer and checked against it; not yet attached to it."""
+    m = dataclasses.asdict(cfg.model)
+    tok, multiscale = tokenizer, tokenizer.kind == "multiscale"
+    if m.pop("token_channels") != tok.token_channels or m.pop("vae_stride") != tok.stride:
+        what = "the codebook size" if multiscale else "the latent channels"
+        raise ValueError(f"model.vae_stride/token_channels must match the tokenizer ({tok.stride}, {tok.token_channels}:"
+                         f" {what}): set model.vae_stride={tok.stride} model.token_channels={tok.token_channels}")
+    patch_nums = tuple(tok.patch_nums) if multiscale else tuple(m["patch_nums"])
+    if patch_nums[-1] * tok.stride != cfg.model.img_size:
+        raise ValueError(f"model.img_size {cfg.model.img_size} does not fit the tokenizer's scales (last scale "
+                         f"{patch_nums[-1]} x stride {tok.stride} = {patch_nums[-1] * tok.stride}): set model.img_size="
+                         f"{patch_nums[-1] * tok.stride}")
+    m["patch_nums"] = patch_nums
+    token_dim = tok.config.z_channels if multiscale else tok.token_channels
+    return create_model(m.pop("preset"), vae_stride=tok.stride, token_channels=tok.token_channels, token_dim=token_dim,
+                        generator=torch.Generator().manual_seed(cfg.train.seed), **m)
+
+
+class NextScaleObjective(nn.Module):
+    """A next-scale generator's training loss as one module (what fit wraps for DDP): images or cached latents
+    -> the tokenizer's latent (or its codes) -> ``model.training_loss``. The tokenizer is frozen and held as a
+    plain reference, so the checkpoint holds the generator's weights only (under ``model.``)."""
+
+    def __init__(self, model: nn.Module, tokenizer) -> None:
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "_tokenizer", tokenizer)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, cached: bool, generator: torch.Generator):
+        tok = self._tokenizer
+        with torch.no_grad():
+            if tok.kind == "multiscale":  # the latent f; the codes are taken inside (VAR / HART)
+                latent = x if cached else tok.encode_latent(x)
+            else:  # KL: cached moments, or images
+                latent = tok.sample_from_moments(x, generator=generator) if cached else tok.encode(x, generator=generator)
+        if tok.kind == "multiscale":
+            return self.model.training_loss(tok.quantize, latent, labels, generator)
+        return self.model.training_loss(latent, labels, generator)
+
+
 class TokenizerTask:
     """A tokenizer: the KL-VAE (reconstruction + KL, + an optional PatchGAN term, ``tokenizers.training``) or,
     for a ``vq*`` preset, the VQ tokenizer (reconstruction + codebook + beta * commitment, dead codes
-    restarted, ``tokenizers.vq``)."""
+    restarted, ``tokenizers.vq``), or for a multi-scale preset VAR's multi-scale VQVAE (reconstruction + the
+    quantizer term over every scale, ``tokenizers.multiscale_training``; with ``tokenizer.hybrid`` HART's hybrid
+    tokenizer, its decoder trained on the discrete f_hat and on the continuous latent, half of the time each)."""
 
     name = "tokenizer"
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.vq = tokenizer_kind(cfg.tokenizer.preset) == "discrete"
+        kind = tokenizer_kind(cfg.tokenizer.preset)
+        self.vq, self.multiscale = kind == "discrete", kind == "multiscale"
 
     def dataset(self):
         return build_dataset(self.cfg.data, self.cfg.train.seed)
 
     def build(self, device) -> nn.Module:
         t = self.cfg.tokenizer
+        if self.multiscale:
+            channels = {"in_channels": t.in_channels, "out_channels": t.in_channels} if t.in_channels else {}
+            config = multiscale_preset(t.preset, **channels)
+            if t.hybrid:
+                config = dataclasses.replace(config, hybrid=True)
+            tok = MultiScaleVQVAE(config, generator=torch.Generator().manual_seed(self.cfg.train.seed))
+            return MultiScaleVQObjective(tok, self.cfg.vq.recon_loss).to(device)
         if self.vq:
             channels = {"in_channels": t.in_channels, "out_channels": t.in_channels} if t.in_channels else {}
             tok = VQTokenizer(vq_preset(t.preset, **channels), generator=torch.Generator().manual_seed(self.cfg.train.seed))
@@ -152,6 +221,8 @@ class TokenizerTask:
         """The trained (raw, as LDM VAEs are used) tokenizer, with the latent scaling factor 1/std computed from
         up to 2048 training images."""
         trained = module.tokenizer
+        if self.multiscale:  # codes, or f_hat + residual: no latent scale to calibrate
+            return atomic_write(run_dir / "tokenizer.safetensors", trained.save)
         bs = self.cfg.optim.batch_size
         loader = torch.utils.data.DataLoader(dataset, batch_size=bs, shuffle=False)
         images = (x.to(device) for _, (x, _y) in zip(range(max(1, 2048 // bs)), loader))
@@ -181,7 +252,7 @@ def cache_latents(cfg: TrainConfig, out: Path, device) -> Path:
         if flip:
             flips.append(tok.encode_moments(batch[1].to(device)).cpu())
         labels.append(batch[-1])
-    meta = {"scaling_factor": str(tok.scaling_factor), "tokenizer": json.dumps(tok.config.to_dict())}
+    meta = {"scaling_factor": str(getattr(tok, "scaling_factor", 1.0)), "tokenizer": json.dumps(tok.config.to_dict())}
     save_latent_cache(out, torch.cat(moments), torch.cat(flips) if flip else None, torch.cat(labels), meta)
     print(f"wrote {out}: {sum(len(m) for m in moments)} images, moments {tuple(moments[0].shape[1:])}")
     return Path(out)

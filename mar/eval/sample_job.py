@@ -67,7 +67,7 @@ def settings_key(run: Run, setting: Setting, seed: int, classes) -> dict:
         key["diffusion_steps_shape"] = o.diffusion_steps_shape
     if o.clip_denoised is not None:  # absent = the reference sampler
         key["clip_denoised"] = o.clip_denoised
-    for name in ("top_k", "top_p", "choice_temperature"):  # categorical heads; at their defaults no key
+    for name in ("top_k", "top_p", "choice_temperature", "more_smooth"):  # categorical / VAR; at defaults no key
         if getattr(o, name) != getattr(SamplingOptions, name):
             key[name] = getattr(o, name)
     return {**key, "cfg": setting.cfg, "temperature": setting.temperature, "num_iter": setting.num_iter}

@@ -24,19 +24,29 @@ def primary_metric(metrics: dict) -> str:
     return next(k for k in RANKED_BY if k in metrics)
 
 
-def score_settings(folders: list[tuple[float, float, Path]], ref_stats: str, feature_kwargs: dict) -> list[dict]:
-    """One row per (cfg, temperature, folder): its metrics (fid or fd_fmnist, IS, class accuracy) and speed."""
+SWEPT = ("cfg", "temperature", "top_k", "top_p")  # the axes a sweep may have (cfg and temperature always)
+
+
+def score_settings(folders: list[tuple[dict, Path]], ref_stats: str, feature_kwargs: dict) -> list[dict]:
+    """One row per (point, folder), point = the swept values ({cfg, temperature} and any of top_k, top_p): its
+    metrics (fid or fd_fmnist, IS, class accuracy) and speed."""
     rows = []
-    for cfg, temperature, folder in folders:
+    for point, folder in folders:
         result = score_folder(str(folder), ref_stats=ref_stats, metrics=["fid", "isc"], **feature_kwargs)
         speed = json.loads((folder / "settings.json").read_text()).get("seconds_per_image")
-        rows.append({"cfg": cfg, "temperature": temperature, **result["metrics"], "seconds_per_image": speed,
+        rows.append({**point, **result["metrics"], "seconds_per_image": speed,
                      "num_images": result["meta"].get("num_gen"), "folder": str(folder)})
     return rows
 
 
-def write_sweep(rows: list[dict], out: Path, reference: str, temperatures) -> dict:
-    """sweep.csv, a PNG plot per metric against cfg (a line per temperature) and sweep.json; returns the summary."""
+def _line_label(row: dict) -> str:
+    """The plot line of a row: its swept values other than cfg ("temperature 1, top_k 900")."""
+    return ", ".join(f"{k} {row[k]:g}" for k in SWEPT[1:] if k in row)
+
+
+def write_sweep(rows: list[dict], out: Path, reference: str) -> dict:
+    """sweep.csv, a PNG plot per metric against cfg (a line per temperature, top-k, top-p) and sweep.json;
+    returns the summary."""
     key = primary_metric(rows[0])
     best = min(rows, key=lambda r: r[key])
     buffer = io.StringIO()
@@ -46,8 +56,9 @@ def write_sweep(rows: list[dict], out: Path, reference: str, temperatures) -> di
     write_text(out / "sweep.csv", buffer.getvalue())
     plots = {}
     for metric in [key] + [m for m in ("class_accuracy", "is_mean", "is_fmnist_mean") if m in rows[0]]:
-        series = {f"temperature {t:g}": ([r["cfg"] for r in rows if r["temperature"] == t],
-                                         [r[metric] for r in rows if r["temperature"] == t]) for t in temperatures}
+        lines = dict.fromkeys(_line_label(r) for r in rows)
+        series = {line: ([r["cfg"] for r in rows if _line_label(r) == line],
+                         [r[metric] for r in rows if _line_label(r) == line]) for line in lines}
         plots[metric] = str(out / f"sweep_{metric}.png")
         line_plot(series, plots[metric], title=f"{metric} vs cfg ({rows[0].get('num_images', '')} images per setting)",
                   xlabel="cfg", ylabel=metric + (" (lower is better)" if metric == key else ""))
@@ -62,15 +73,15 @@ def write_report(summary: dict, path: str | os.PathLike) -> None:
     rel = lambda p: os.path.relpath(p, path.parent.resolve())  # noqa: E731
     rows, key, best = summary["rows"], summary["primary_metric"], summary["best"]
     cols = [c for c in (key, *SHOWN) if c in rows[0]]
+    axes = [a for a in SWEPT if a in rows[0]]
     lines = ["# Sweep report", "", f"Ranked by `{key}` (lower is better); reference statistics: "
              f"`{rel(summary['reference'])}`. The best CFG is chosen on the same reference set that scores it "
-             "(the field's protocol).", "", "| cfg | temperature | " + " | ".join(cols) + " |",
-             "|---|---|" + "---|" * len(cols)]
+             "(the field's protocol).", "", "| " + " | ".join(axes + cols) + " |", "|---" * (len(axes) + len(cols)) + "|"]
     for r in rows:
         mark = " **(best)**" if r is best else ""
-        lines.append(f"| {r['cfg']:g} | {r['temperature']:g}{mark} | "
+        lines.append("| " + " | ".join(f"{r[a]:g}" for a in axes) + f"{mark} | "
                      + " | ".join("" if r[c] is None else f"{r[c]:.4g}" for c in cols) + " |")
-    lines += ["", f"Best: cfg {best['cfg']:g}, temperature {best['temperature']:g}.", "",
+    lines += ["", "Best: " + ", ".join(f"{a} {best[a]:g}" for a in axes) + ".", "",
               f"![samples at the best setting]({rel(os.path.join(best['folder'], 'grid.png'))})", ""]
     lines += [f"![{m} vs cfg]({rel(p)})" for m, p in summary["plots"].items()]
     write_text(path, "\n".join(lines) + "\n")

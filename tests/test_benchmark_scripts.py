@@ -61,3 +61,17 @@ def test_max_batch_search_finds_the_boundary_with_few_tries():
         assert largest_fit(fits, start=64, limit=1 << 14) == limit_fit
         assert len(tried) <= 2 * 14 + 2 and len(set(tried)) == len(tried)
     assert largest_fit(lambda b: True, start=8, limit=100) == 100  # everything fits up to the limit
+
+
+def test_next_scale_benchmark_runs_at_tiny_sizes(capsys):
+    """benchmarks/bench_next_scale.py: one line per model with finite, positive times."""
+    import bench_next_scale
+
+    tiny = ["--model.preset=var_d2", "--model.encoder_embed_dim=32", "--model.encoder_num_heads=2",
+            "--model.diffloss_width=32", "--model.diffloss_depth=1", "--model.num_sampling_steps=3"]
+    bench_next_scale.main(["--batch", "4", "--sample-batch", "2", "--repeats", "1", *tiny])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("var |", "hart |", "next_scale |"))]
+    assert len(lines) == 3
+    for line in lines:
+        step, rate, per_image = (float(v) for v in line.split("|")[2:5])
+        assert step > 0 and rate > 0 and per_image > 0

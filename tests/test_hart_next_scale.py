@@ -96,3 +96,24 @@ def test_scale_known_mask_follows_the_reference_rule():
     assert torch.equal(parts[-1].view(8, 8), keep[0])
     with pytest.raises(ValueError, match="known mask"):
         scale_known_mask(torch.ones(1, 63, dtype=torch.bool), PN)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["--model.arch=var", "--model.head=categorical", "--tokenizer.preset=kl_f4_c8"], "needs a multi-scale tokenizer"),
+    (["--model.head=hybrid"], "head 'hybrid' (HART) is for model.arch=var"),
+    (["--model.patch_nums=[1,2,4]"], "patch_nums is for model.arch=var"),
+    (["--model.arch=var", "--model.img_size=32", "--model.vae_stride=4", "--model.patch_nums=[1,2,4]"],
+     "patch_nums must end at the latent side"),
+    (["--model.arch=var", "--model.img_size=32", "--model.vae_stride=4", "--model.patch_nums=[2,1,8]"],
+     "strictly increasing"),
+    (["--tokenizer.preset=kl_f4_c8", "--tokenizer.hybrid=true"], "tokenizer.hybrid is for multi-scale"),
+    (["--tokenizer.preset=msvq_f4"], "is for model.arch=var"),
+    (["--model.arch=var", "--model.head=diffloss", "--tokenizer.preset=kl_f4_c8"], "needs model.patch_nums"),
+    (["--model.arch=var", "--model.head=categorical", "--tokenizer.preset=msvq_f4", "--model.img_size=32",
+      "--model.vae_stride=4", "--model.patch_nums=[1,2,8]"], "must be null for VAR/HART"),
+])
+def test_next_scale_configs_are_checked(overrides, message):
+    from mar.config import ConfigError, TrainConfig, load_config
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        load_config(TrainConfig, None, overrides)

@@ -1,9 +1,12 @@
-"""Sample class-conditional images, or edit images (inpainting, outpainting, class editing), with MAR weights.
+"""Sample class-conditional images, or edit images (inpainting, outpainting, class editing), with MAR weights
+or any generator of the family (MaskGIT, causal AR, VAR, HART, continuous next-scale).
 
     python sample.py                                                    # the shipped Fashion-MNIST weights
     python sample.py --run runs/fmnist/mar                              # a train.py run (its EMA weights)
     python sample.py --checkpoint checkpoint-last.pth --model mar_base --tokenizer kl16.ckpt \\
         --per-class 50 --num-iter 256 --cfg 2.9 --npz                  # the published MAR-B, ImageNet protocol
+    python sample.py --checkpoint var_d16.pth --model var_d16 --tokenizer vae_ch160v4096z32.pth \
+        --tokenizer-preset var_vqvae --per-class 50 --cfg 1.5 --top-p 0.96 --top-k 900 --npz   # published VAR
     python sample.py --cfg 1.0 2.0 3.0 --temperature 0.9 1.0           # a sweep: a folder per setting
     accelerate launch sample.py ...                                     # shard the missing images over processes
 

@@ -10,6 +10,7 @@ import argparse
 import math
 
 from mar.config.schema import PRECISIONS, SampleConfig, SamplingOptions
+from mar.next_scale import VAR_PRESETS
 from mar.registry import PRESETS
 from mar.run import Run, load_run
 
@@ -35,9 +36,12 @@ def add_weights_args(p: argparse.ArgumentParser, default_help: str = "the shippe
     src = p.add_mutually_exclusive_group()
     src.add_argument("--run", help=f"train.py output folder (default: {default_help})")
     src.add_argument("--checkpoint", help="MAR weights: ours (.pt/.safetensors) or the published checkpoint-last.pth")
-    p.add_argument("--model", help="MAR preset, needed for published checkpoints: " + ", ".join(PRESETS))
-    p.add_argument("--tokenizer", help="KL-VAE: published kl16.ckpt (LDM format) or a project .safetensors")
-    p.add_argument("--tokenizer-preset", default="kl16", help="architecture of an LDM-format tokenizer file")
+    p.add_argument("--model", help="preset of a published checkpoint: MAR " + ", ".join(PRESETS) + "; VAR "
+                   + ", ".join(VAR_PRESETS))
+    p.add_argument("--tokenizer", help="published kl16.ckpt (LDM format) or vae_ch160v4096z32.pth (VAR), or a project "
+                                       ".safetensors")
+    p.add_argument("--tokenizer-preset", default="kl16", help="architecture of a published tokenizer file (kl16; "
+                                                              "var_vqvae for VAR's)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default)")
     p.add_argument("--num-sampling-steps", type=int, help="diffusion steps per token (default: the model's, 100)")
 
@@ -45,8 +49,10 @@ def add_weights_args(p: argparse.ArgumentParser, default_help: str = "the shippe
 def add_generation_args(p: argparse.ArgumentParser, lists: bool = True) -> None:
     """--num-iter/--cfg/--temperature (lists: one setting per combination), --cfg-schedule, and the options."""
     many = {"nargs": "+"} if lists else {}
-    p.add_argument("--num-iter", type=int, **many, help="MAR generation steps (default: the run's, else 64)")
-    p.add_argument("--cfg", type=float, **many, help="guidance scale(s), >= 0 (default: the run's, else 1)")
+    p.add_argument("--num-iter", type=int, **many, help="MAR generation steps (default: the run's, else 64; a "
+                                                        "next-scale model: its number of scales)")
+    p.add_argument("--cfg", type=float, **many, help="guidance scale(s), >= 0 (default: the run's, else 1; MAR: 1 = "
+                                                     "none; next-scale (VAR): t, 0 = none)")
     p.add_argument("--temperature", type=float, **many, help="diffusion noise temperature(s), > 0 (default: 1)")
     p.add_argument("--cfg-schedule", choices=("linear", "constant"))
     add_option_args(p.add_argument_group("sampler options (opt-in; the defaults are the run's, else the exact "

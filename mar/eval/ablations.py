@@ -83,6 +83,9 @@ ROWS = [
         (None, None), "MaskGIT 8"),
     Row("vq_diff", "vq_diff", "MAR (Table 2)", "random", "bidirectional", ">1 (16 steps)", "Diff Loss (VQ latent)", 16,
         (7.82, 3.64), "MAR VQ-latent Diff 16"),
+    # not in the MAR paper: VAR's next-scale generation over the KL latent's residual pyramid, Diffusion Loss per token
+    Row("next_scale_diff", "next_scale_diff", "Next-scale", "coarse to fine", "block-causal", "a scale (6 steps)",
+        "Diff Loss (KL)", 6, (None, None), "Next-scale Diff"),
 ]
 SPREAD_ROW = "mar_diff_k"  # the row whose cell is also trained with other seeds
 METRICS = ("fd_fmnist", "class_accuracy", "is_fmnist_mean")
@@ -169,9 +172,12 @@ def sample_row(acc, run, row: Row, out: Path, budget: Budget, sample_batch: int)
     num_iter = row.num_iter or run.model.seq_len
     classes = list(range(run.model.num_classes))
     folders = {}
+    next_scale = hasattr(run.model, "num_scales")
     for cfg in (1.0, budget.cfg):
         folder = out / f"cfg{cfg:g}"
-        setting = Setting(cfg, 1.0, num_iter, "linear", options)
+        # a next-scale model's guidance is VAR's t (0 = none, last-scale weight 1 + t): t = cfg - 1 gives its last
+        # scale the weight cfg that MAR's linear schedule reaches at its last step
+        setting = Setting(cfg - 1.0 if next_scale else cfg, 1.0, num_iter, "linear", options)
         record = {"format": SETTINGS_FORMAT, "num_images": budget.num_images, "row": row.name,
                   "label_rule": "label(i) = classes[i % len(classes)]", "weights": {"mar": str(run.weights)}}
         log(f"sample {row.name} cfg {cfg:g}: {budget.num_images} images, {num_iter} steps")

@@ -6,7 +6,8 @@ like samples (fd_fmnist against the test set, class accuracy from the file names
 
 The first N training images (their true classes in the names, ``{i:06d}_c{class:03d}.png``) go to
 ``OUT/real``; their reconstructions decode(tokens), tokens drawn from the tokenizer's posterior as in
-MAR training (one seeded generator), go to ``OUT/recon``. Prints and writes ``OUT/bounds.json``. The
+MAR training (one seeded generator), go to ``OUT/recon`` (a multi-scale VQ: decode of its codes; a hybrid one also
+decode of the unquantized latent in ``OUT/recon_continuous``). Prints and writes ``OUT/bounds.json``. The
 issue's bar: samples' fd_fmnist <= 5x the real training images' (same N).
 """
 from __future__ import annotations
@@ -43,13 +44,14 @@ def write_set(images: torch.Tensor, labels: torch.Tensor, folder: Path, desc: st
 
 
 @torch.no_grad()
-def reconstruct(tok, images: torch.Tensor, seed: int, batch: int = 250) -> torch.Tensor:
-    """decode(posterior sample of encode(x)) as uint8 (N, H, W); x uint8 (N, H, W)."""
+def reconstruct(tok, images: torch.Tensor, seed: int, batch: int = 250, continuous: bool = False) -> torch.Tensor:
+    """decode(posterior sample of encode(x)) as uint8 (N, H, W); x uint8 (N, H, W). ``continuous``: a hybrid
+    multi-scale tokenizer's continuous path, decode(f) of the unquantized latent (HART's f_hat + residual)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for s in tqdm(range(0, len(images), batch), desc="reconstruct", unit="batch"):
         x = images[s:s + batch, None].float() / 127.5 - 1.0
-        tokens = tok.encode(x, generator=g)
+        tokens = tok.encode_latent(x) if continuous else tok.encode(x, generator=g)
         out.append(tok.to_uint8(tok.decode(tokens))[..., 0])
     return torch.cat(out)
 
@@ -73,13 +75,19 @@ def main(argv=None) -> int:
     write_set(images, labels, out / "real", "real")
     if not complete(out / "recon", args.num):  # reconstructing is the slow part
         write_set(reconstruct(tok, images, args.seed), labels, out / "recon", "recon")
+    sets = ["real", "recon"]
+    if getattr(tok, "kind", None) == "multiscale" and tok.config.hybrid:  # HART's tokenizer: both decoder inputs
+        sets.append("recon_continuous")
+        if not complete(out / "recon_continuous", args.num):
+            write_set(reconstruct(tok, images, args.seed, continuous=True), labels, out / "recon_continuous",
+                      "recon_continuous")
     feats = dict(features="fmnist", classifier=args.classifier, fmnist_root=args.data)
     stats = out / "fmnist_test_stats.safetensors"
     if not stats.exists():
         compute_reference_stats("fashion_mnist:test", str(stats), format="ours", **feats)
     result = {"num_images": args.num, "reference": "fashion_mnist:test",
               "classifier_test_accuracy": read_classifier_metadata(args.classifier).get("test_accuracy")}
-    for name in ("real", "recon"):
+    for name in sets:
         scores = score_folder(str(out / name), ref_stats=str(stats), metrics=["fid"], **feats)["metrics"]
         result[name] = {k: scores[k] for k in ("fd_fmnist", "class_accuracy") if k in scores}
     result["fd_bar"] = 5 * result["real"]["fd_fmnist"]

@@ -135,7 +135,9 @@ def test_sampling_equals_reference(golden, ref_model, quantizer, run):
     f_hat, codes = next_scale(ref_model, quantizer, b, labels=labels, cfg=s["cfg"], top_k=s["top_k"],
                               top_p=s["top_p"], more_smooth=s["more_smooth"], generator=g, return_codes=True)
     assert torch.equal(codes, s["codes"])
-    torch.testing.assert_close(f_hat, s["f_hat"], atol=ATOL, rtol=0)
+    # more_smooth mixes the codebook by a Gumbel softmax at tau down to 0.0135, which magnifies the 1e-7 rounding
+    # of other thread counts' matmuls (seen: 1.4e-5 with 2 threads); the codes above are exact either way
+    torch.testing.assert_close(f_hat, s["f_hat"], atol=1e-4 if "smooth" in run else ATOL, rtol=0)
 
 
 # ---------------------------------------------------------------- the trunk

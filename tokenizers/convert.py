@@ -165,3 +165,18 @@ def read_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             "(e.g. kl16.ckpt, whose ['model'] entry is the bare VAE state dict)."
         )
     return dict(obj)
+
+
+def read_tokenizer_metadata(path: str | Path, writer: str) -> dict[str, str]:
+    """The metadata of a tokenizer .safetensors file written by ``writer`` (a class name, for the messages):
+    FileNotFoundError if it is missing, ValueError if it is not a safetensors file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {str(path)!r} (written by {writer}.save)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as err:
+        raise ValueError(f"{str(path)!r} is not a safetensors file written by {writer}.save ({err})") from err

@@ -23,7 +23,7 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
-from .convert import convert_ldm_vae_state_dict, read_state_dict_file
+from .convert import convert_ldm_vae_state_dict, read_state_dict_file, read_tokenizer_metadata
 
 # 1/std of KL-16 latents over ImageNet train (MAR reference); the only place this number lives.
 KL16_SCALING_FACTOR = 0.2325
@@ -266,17 +266,10 @@ class KLTokenizer(nn.Module):
     @classmethod
     def load(cls, path: str | Path) -> KLTokenizer:
         """Read a file written by ``save`` (on CPU)."""
-        from safetensors import safe_open
         from safetensors.torch import load_file
 
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {str(path)!r} (written by KLTokenizer.save)")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-        except Exception as err:
-            raise ValueError(f"{str(path)!r} is not a safetensors file written by KLTokenizer.save ({err})") from err
+        metadata = read_tokenizer_metadata(path, "KLTokenizer")
         if metadata.get("format") != _SAVE_FORMAT or "config" not in metadata:
             raise ValueError(
                 f"{str(path)!r} has no KLTokenizer config in its metadata; for LDM-format VAE checkpoints "

@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .convert import read_tokenizer_metadata
 from .kl_vae import KLTokenizer
 # re-exported: the blocks and the quantizer lived here before the split; their names stay importable from here
 from .multiscale_blocks import (  # noqa: F401
@@ -399,18 +400,10 @@ class MultiScaleVQVAE(nn.Module):
     @classmethod
     def load(cls, path: str | Path) -> MultiScaleVQVAE:
         """Read a file written by ``save`` (on CPU, strict, in eval mode)."""
-        from safetensors import safe_open
         from safetensors.torch import load_file
 
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {str(path)!r} (written by MultiScaleVQVAE.save)")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-        except Exception as err:
-            raise ValueError(f"{str(path)!r} is not a safetensors file written by MultiScaleVQVAE.save ({err})"
-                             ) from err
+        metadata = read_tokenizer_metadata(path, "MultiScaleVQVAE")
         if metadata.get("format") != _SAVE_FORMAT or "config" not in metadata:
             raise ValueError(f"{str(path)!r} is not a multi-scale VQ tokenizer file (format "
                              f"{metadata.get('format')!r}, expected {_SAVE_FORMAT!r}); for the published "

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .multiscale import MultiScaleVQVAE
-from .training import check_reconstructs, decay_split
+from .training import check_reconstructs, codebook_param_groups
 
 
 class MultiScaleVQObjective(nn.Module):
@@ -84,13 +84,7 @@ class MultiScaleVQObjective(nn.Module):
         """AdamW groups, each with ``lr_mult`` 1.0: the network split into decay / no decay (1-D tensors and
         biases), and the codebook alone without weight decay (decay would pull the codes to 0)."""
         codebook = self.tokenizer.quantize.embedding.weight
-        decay, no_decay = decay_split((n, p) for n, p in self.tokenizer.named_parameters() if p is not codebook)
-        groups = []
-        for name, params, wd in (("msvq_decay", decay, weight_decay), ("msvq_no_decay", no_decay, 0.0),
-                                 ("codebook", [codebook], 0.0)):
-            if params:
-                groups.append({"name": name, "params": params, "lr": lr, "lr_mult": 1.0, "weight_decay": wd})
-        return groups
+        return codebook_param_groups(self.tokenizer, codebook, lr, weight_decay, "msvq")
 
 
 def _group_logs(err: torch.Tensor, continuous: torch.Tensor) -> dict[str, torch.Tensor]:

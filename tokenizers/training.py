@@ -199,6 +199,20 @@ def decay_split(named_parameters) -> tuple[list[nn.Parameter], list[nn.Parameter
     return decay, no_decay
 
 
+def codebook_param_groups(tokenizer: nn.Module, codebook: nn.Parameter, lr: float, weight_decay: float,
+                          prefix: str) -> list[dict]:
+    """AdamW groups of a VQ tokenizer, each with ``lr_mult`` 1.0: the network split by ``decay_split`` into
+    ``<prefix>_decay`` / ``<prefix>_no_decay``, and the codebook alone without weight decay (decay would pull the
+    codes to 0); empty groups are left out."""
+    decay, no_decay = decay_split((n, p) for n, p in tokenizer.named_parameters() if p is not codebook)
+    groups = []
+    for name, params, wd in ((f"{prefix}_decay", decay, weight_decay), (f"{prefix}_no_decay", no_decay, 0.0),
+                             ("codebook", [codebook], 0.0)):
+        if params:
+            groups.append({"name": name, "params": params, "lr": lr, "lr_mult": 1.0, "weight_decay": wd})
+    return groups
+
+
 @torch.no_grad()
 def estimate_scaling_factor(
     tokenizer: KLTokenizer, batches: Iterable[torch.Tensor], generator: torch.Generator | None = None

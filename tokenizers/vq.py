@@ -48,8 +48,9 @@ import torch.nn.functional as F
 from diffusers import VQModel
 from torch import nn
 
+from .convert import read_tokenizer_metadata
 from .kl_vae import ConvAutoencoderLayout, KLTokenizer
-from .training import check_reconstructs, decay_split
+from .training import check_reconstructs, codebook_param_groups
 
 _SAVE_FORMAT = "mar-vq-v1"
 _KL_SAVE_FORMAT = "mar-kl-vae-v1"  # kl_vae._SAVE_FORMAT, named in the error for a KL file
@@ -328,17 +329,10 @@ class VQTokenizer(nn.Module):
     @classmethod
     def load(cls, path: str | Path) -> VQTokenizer:
         """Read a file written by ``save`` (on CPU, strict, in eval mode)."""
-        from safetensors import safe_open
         from safetensors.torch import load_file
 
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {str(path)!r} (written by VQTokenizer.save)")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-        except Exception as err:
-            raise ValueError(f"{str(path)!r} is not a safetensors file written by VQTokenizer.save ({err})") from err
+        metadata = read_tokenizer_metadata(path, "VQTokenizer")
         fmt = metadata.get("format")
         if fmt == _KL_SAVE_FORMAT:
             raise ValueError(f"{str(path)!r} is a KL-VAE tokenizer ({fmt}), not a VQ one; open it with "
@@ -547,11 +541,4 @@ class VQObjective(nn.Module):
     def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
         """AdamW groups, each with ``lr_mult`` (1.0): the network split into decay / no decay (1-D tensors and
         biases), and the codebook alone without weight decay (decay would pull codes to 0)."""
-        codebook = self.tokenizer.codebook
-        decay, no_decay = decay_split((n, p) for n, p in self.tokenizer.named_parameters() if p is not codebook)
-        groups = []
-        for name, params, wd in (("vq_decay", decay, weight_decay), ("vq_no_decay", no_decay, 0.0),
-                                 ("codebook", [codebook], 0.0)):
-            if params:
-                groups.append({"name": name, "params": params, "lr": lr, "lr_mult": 1.0, "weight_decay": wd})
-        return groups
+        return codebook_param_groups(self.tokenizer, self.tokenizer.codebook, lr, weight_decay, "vq")

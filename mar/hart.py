@@ -89,22 +89,14 @@ class HART(VAR):
         return r.view(b, n, self.token_dim).transpose(1, 2).reshape(b, self.token_dim, side, side)
 
 
-    def _generate(self, batch_size: int, *, labels, cfg, cfg_schedule, temperature, generator, options,
-                  known_codes, known_mask, progress) -> Tensor:
-        """f_hat + r: VAR's loop over the scales, then the residual head at the last scale. Editing keeps the known
-        codes (their residual is sampled as well: the codes fix the content, the residual adds the detail)."""
-        from mar.generate_scales import next_scale
-
-        quantizer = self.tokenizer.quantize
-
+    def _residual(self, quantizer, generator, temperature: float, options):
+        """The residual head at the last scale, for VAR's loop (``VAR._generate``). Editing keeps the known codes
+        (their residual is sampled as well: the codes fix the content, the residual adds the detail)."""
         def residual(hidden, codes, t):
             return self.sample_residual(hidden, codes, quantizer, t, generator=generator, temperature=temperature,
                                         options=options)
 
-        return next_scale(self, quantizer, batch_size, labels=labels, cfg=cfg, cfg_schedule=cfg_schedule,
-                          top_k=options.top_k or 0, top_p=options.top_p or 0.0, more_smooth=options.more_smooth,
-                          temperature=temperature, generator=generator, known_codes=known_codes,
-                          known_mask=known_mask, progress=progress, residual=residual)
+        return residual
 
 
 def create_hart(name: str, **overrides) -> HART:

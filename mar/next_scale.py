@@ -421,13 +421,20 @@ class VAR(NextScaleTrunk):
 
     def _generate(self, batch_size: int, *, labels, cfg, cfg_schedule, temperature, generator, options,
                   known_codes, known_mask, progress) -> Tensor:
-        """f_hat by ``mar.generate_scales.next_scale`` with the attached tokenizer's quantizer."""
+        """f_hat by ``mar.generate_scales.next_scale`` with the attached tokenizer's quantizer (and the
+        ``_residual`` hook a subclass supplies: HART's residual head)."""
         from mar.generate_scales import next_scale
 
-        return next_scale(self, self.tokenizer.quantize, batch_size, labels=labels, cfg=cfg, cfg_schedule=cfg_schedule,
+        quantizer = self.tokenizer.quantize
+        return next_scale(self, quantizer, batch_size, labels=labels, cfg=cfg, cfg_schedule=cfg_schedule,
                           top_k=options.top_k or 0, top_p=options.top_p or 0.0, more_smooth=options.more_smooth,
                           temperature=temperature, generator=generator, known_codes=known_codes,
-                          known_mask=known_mask, progress=progress)
+                          known_mask=known_mask, progress=progress,
+                          residual=self._residual(quantizer, generator, temperature, options))
+
+    def _residual(self, quantizer, generator, temperature: float, options):
+        """What ``next_scale`` adds after the last scale (None: nothing; VAR samples codes only)."""
+        return None
 
     def loss(self, logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
         """Batch mean of sum_i CE_i / L (the reference trainer's weights 1/L per token); target (B, L) codes."""

@@ -33,14 +33,14 @@ def tokenizers(tmp_path_factory):
     return folder
 
 
-def train(cell: str, out: Path, tokenizers: Path, steps: int) -> subprocess.CompletedProcess:
+def train(cell: str, out: Path, tokenizers: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
     cfg = ROOT / "configs" / "ablations" / f"{cell}.yaml"
     vq = uses_vq(cell)
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(cfg), "--model.preset=mar_tiny",
            f"--tokenizer.checkpoint={tokenizers / ('vq' if vq else 'kl')}.safetensors",
            "--data.kind=fashion_mnist", f"--data.path={FIXTURE}", "--optim.batch_size=4",
            "--model.num_sampling_steps=3", f"--train.output_dir={out}", f"--train.max_steps={steps}",
-           "--train.save_every_steps=2", "--train.log_every_steps=1", "--model.attn_dropout=0.1"]
+           "--train.save_every_steps=2", "--train.log_every_steps=1", "--model.attn_dropout=0.1", *extra]
     env = {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "PATH": "/usr/bin:/bin",
            "HOME": str(out.parent)}
     proc = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=600)
@@ -52,7 +52,7 @@ def train(cell: str, out: Path, tokenizers: Path, steps: int) -> subprocess.Comp
 @pytest.mark.parametrize("cell", CELLS)
 def test_cell_trains_resumes_exactly_and_samples(cell, tokenizers, tmp_path):
     train(cell, tmp_path / "straight", tokenizers, 4)
-    train(cell, tmp_path / "resumed", tokenizers, 2)
+    train(cell, tmp_path / "resumed", tokenizers, 4, "--train.stop_at_step=2")
     second = train(cell, tmp_path / "resumed", tokenizers, 4)
     assert "resumed from" in second.stdout + second.stderr
     a = torch.load(tmp_path / "straight" / "checkpoints" / "step-00000004.pt", weights_only=True)

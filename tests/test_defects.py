@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -145,7 +146,7 @@ def test_metrics_log_drops_the_rows_a_resume_replays(tmp_path):
 
 
 def test_temporaries_of_a_killed_run_are_removed(tmp_path, capsys):
-    assert run_train(tmp_path, capsys, "--train.max_steps=1")[0] == 0
+    assert run_train(tmp_path, capsys, "--train.max_steps=2", "--train.stop_at_step=1")[0] == 0
     ckpts = tmp_path / "run" / "checkpoints"
     stale = [ckpts / ".step-00000002.pt.tmp-4194303", tmp_path / "run" / ".config.yaml.tmp-4194302"]
     for p in stale:
@@ -159,7 +160,7 @@ def test_temporaries_of_a_killed_run_are_removed(tmp_path, capsys):
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
-    assert run_train(tmp_path, capsys, "--train.max_steps=1")[0] == 0
+    assert run_train(tmp_path, capsys, "--train.max_steps=2", "--train.stop_at_step=1")[0] == 0
     import mar.engine.checkpoint as ck
 
     real = ck.torch.save
@@ -177,6 +178,44 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys,
     ckpts = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000001.pt"]  # no temporary, the old one intact
     assert torch.load(ckpts / "step-00000001.pt", weights_only=True)["step"] == 1
+
+
+# ------------------------------------------------------------------ the LR schedule ends where the run ends
+def logged_lrs(run: Path) -> dict[int, float]:
+    return {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_a_run_cut_short_by_max_steps_ends_its_cosine_schedule_at_its_last_step(tmp_path, capsys):
+    """The tiny config says 50 epochs; train.max_steps=6 makes the run 6 steps, and the cosine spans those
+    (warmup 1 epoch = 0.x steps is fractional here: steps_per_epoch is the data's). Before, the schedule kept its
+    50 epochs and the run ended near the peak LR."""
+    args = ("--train.max_steps=6", "--optim.lr_schedule=cosine", "--optim.min_lr=1.0e-5", "--optim.warmup_epochs=0",
+            "--optim.lr=1.0e-3")
+    assert run_train(tmp_path, capsys, *args)[0] == 0
+    lrs = logged_lrs(tmp_path / "run")
+    # lr of step s (logged after it) = lr_at(s-1 of 6 steps)
+    expected = {s: 1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * (s - 1) / 6)) for s in range(1, 7)}
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert lrs[6] < 0.1e-3  # the last step is near min_lr, not near the peak
+
+
+def test_a_resume_that_would_restart_the_schedule_is_refused_unless_asked(tmp_path, capsys):
+    cosine = ("--optim.lr_schedule=cosine", "--optim.min_lr=0.0", "--optim.warmup_epochs=0", "--optim.lr=1.0e-3")
+    assert run_train(tmp_path, capsys, "--train.max_steps=4", "--train.stop_at_step=2", *cosine)[0] == 0
+    run = tmp_path / "run"
+    config, metrics = (run / "config.yaml").read_bytes(), (run / "metrics.jsonl").read_bytes()
+    rc, _, err = run_train(tmp_path, capsys, "--train.max_steps=8", *cosine)
+    line = last_line(err)
+    assert rc == 2 and "belongs to a run of 4 steps" in line and "--train.max_steps=4" in line
+    assert "--train.reschedule=true" in line and "--train.stop_at_step" in line
+    assert (run / "config.yaml").read_bytes() == config and (run / "metrics.jsonl").read_bytes() == metrics
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002.pt"]
+    # asked for: the run continues from step 2 on the schedule of 8 steps (a warm restart)
+    assert run_train(tmp_path, capsys, "--train.max_steps=8", "--train.reschedule=true", *cosine)[0] == 0
+    lrs = logged_lrs(run)
+    assert sorted(lrs) == list(range(1, 9))
+    assert lrs[3] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 8)), rel=1e-12)
+    assert lrs[2] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 1 / 4)), rel=1e-12)  # the 4-step run's
 
 
 # ------------------------------------------------------------------ the rest

@@ -84,9 +84,12 @@ def free_port():
 
 
 def test_exact_resume(tmp_path):
-    """6 steps straight == 3 steps, stop, automatic resume from the run directory, 3 more."""
+    """6 steps straight == 3 steps of the same 6-step run (paused by train.stop_at_step), automatic resume from
+    the run directory, 3 more. The LR schedule spans the run's 6 steps in both."""
     run_train(tmp_path, "--train.max_steps=6", name="straight")
-    run_train(tmp_path, "--train.max_steps=3", name="resumed")
+    paused = run_train(tmp_path, "--train.max_steps=6", "--train.stop_at_step=3", name="resumed")
+    assert "paused at step 3 of 6" in paused.stdout + paused.stderr
+    assert not (tmp_path / "resumed" / "mar_ema.safetensors").exists()  # a paused run exports nothing
     second = run_train(tmp_path, "--train.max_steps=6", name="resumed")
     assert "resumed from" in second.stdout + second.stderr
     a, b = final_state(tmp_path / "straight", 6), final_state(tmp_path / "resumed", 6)
@@ -134,7 +137,7 @@ def test_sigterm_saves_a_checkpoint_and_rerun_resumes(tmp_path):
     assert len(ckpts) == 1, out[-2000:]
     stopped_at = torch.load(ckpts[0], weights_only=True)["step"]
     assert stopped_at >= 1 and "stopped by signal" in out
-    again = run_train(tmp_path, f"--train.max_steps={stopped_at + 1}", name="sig")
+    again = run_train(tmp_path, "--train.max_steps=100000", f"--train.stop_at_step={stopped_at + 1}", name="sig")
     assert f"at step {stopped_at}" in again.stdout + again.stderr
 
 

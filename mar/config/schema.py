@@ -163,7 +163,13 @@ class RunConfig:
     save_every_steps: int = 1000
     sample_every_steps: int = 5000
     log_every_steps: int = 50
+    # the run's length: the LR schedule (warmup, cosine) ends here; null = optim.epochs
     max_steps: int | None = None
+    # pause at this step (a checkpoint, exit 0) without changing the schedule; rerun without it to continue
+    stop_at_step: int | None = None
+    # resume a checkpoint whose run had another length, on the schedule of the new length (the LR jumps to
+    # that schedule's value at the resumed step: a warm restart); refused unless set
+    reschedule: bool = False
     trackers: list[Literal["jsonl", "tensorboard"]] = field(default_factory=lambda: ["jsonl"])
 
     def __post_init__(self) -> None:
@@ -171,6 +177,8 @@ class RunConfig:
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _check(self.max_steps is None or self.max_steps >= 1,
                f"max_steps must be >= 1, or null to train for optim.epochs, got {self.max_steps}")
+        _check(self.stop_at_step is None or self.stop_at_step >= 1,
+               f"stop_at_step must be >= 1, or null to train to the end, got {self.stop_at_step}")
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype of each precision

@@ -140,6 +140,20 @@ def resume_point(run_dir: Path, resume: Path | None, fresh: bool) -> Path | None
     return resume if resume is not None else latest
 
 
+def check_schedule(ckpt: Path, state: dict, total_steps: int, reschedule: bool) -> None:
+    """A resume continues the checkpoint's LR schedule: a run of another length (train.max_steps, optim.epochs)
+    would move the cosine's end and so the LR at the resumed step (a warm restart), which needs
+    train.reschedule=true. Checkpoints written before the schedule was recorded are not checked."""
+    before = (state.get("schedule") or {}).get("total_steps")
+    if before is None or int(before) == total_steps or reschedule:
+        return
+    raise CheckpointError(
+        f"{ckpt} belongs to a run of {before} steps, whose LR schedule ends there; this config asks for "
+        f"{total_steps} steps, which would restart the schedule. Resume with --train.max_steps={before} (pause "
+        f"earlier with --train.stop_at_step=N), or pass --train.reschedule=true to continue on a schedule "
+        f"recomputed for {total_steps} steps (a warm restart)")
+
+
 def fit(task, cfg: TrainConfig, accelerator, run_dir: Path, dataset, ckpt: Path | None, on_ready=None) -> int:
     """Train ``task`` to ``cfg.train.max_steps`` (or ``optim.epochs``); returns 0, or 130 when stopped by a
     signal (after a checkpoint). ``ckpt`` is the checkpoint to resume from; ``on_ready()`` runs on the main
@@ -149,6 +163,7 @@ def fit(task, cfg: TrainConfig, accelerator, run_dir: Path, dataset, ckpt: Path 
     global_batch = o.batch_size * o.grad_accum * world
     steps_per_epoch = max(len(dataset) // global_batch, 1)
     max_steps = t.max_steps if t.max_steps is not None else o.epochs * steps_per_epoch
+    total_epochs = max_steps / steps_per_epoch  # the schedule ends where the run ends
     base_lr = effective_lr(o, global_batch)
     model = task.build(device)
     ema = copy.deepcopy(task.ema_source(model)).eval().requires_grad_(False)
@@ -162,6 +177,7 @@ def fit(task, cfg: TrainConfig, accelerator, run_dir: Path, dataset, ckpt: Path 
                 != task.identity(config_to_dict(cfg)):
             raise CheckpointError(f"{ckpt} was written for a different {task.name} config (task or model sizes): "
                                   "resume with its config, or pass a new train.output_dir")
+        check_schedule(ckpt, state, max_steps, t.reschedule)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -182,6 +198,7 @@ def fit(task, cfg: TrainConfig, accelerator, run_dir: Path, dataset, ckpt: Path 
                              "identity": task.identity(config_to_dict(cfg)), "model": unwrapped.state_dict(),
                              "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                              "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                             "schedule": {"total_steps": max_steps, "steps_per_epoch": steps_per_epoch},
                              "rng": {"scheme": "per-slot seeds from (train.seed, step, slot)", "seed": t.seed},
                              "data": {"epoch": at_step // steps_per_epoch, "step_in_epoch": at_step % steps_per_epoch,
                                       "global_batch": global_batch}}, checkpoint_path(run_dir, at_step))
@@ -194,7 +211,7 @@ def fit(task, cfg: TrainConfig, accelerator, run_dir: Path, dataset, ckpt: Path 
     t_last, n_last = time.perf_counter(), step
     try:
         while step < max_steps:
-            lr = lr_at(step / steps_per_epoch, base_lr, o.warmup_epochs, o.epochs, o.lr_schedule, o.min_lr)
+            lr = lr_at(step / steps_per_epoch, base_lr, o.warmup_epochs, total_epochs, o.lr_schedule, o.min_lr)
             for g in optimizer.param_groups:
                 g["lr"] = lr * g["lr_mult"]
             model.train()
@@ -240,6 +257,12 @@ def fit(task, cfg: TrainConfig, accelerator, run_dir: Path, dataset, ckpt: Path 
             if float(flags[1]) > 0:
                 accelerator.print(f"stopped by signal at step {step}; checkpoint saved, rerun the command to resume")
                 return 130
+            if step == t.stop_at_step and step < max_steps:
+                if step % t.save_every_steps:
+                    save(step)
+                accelerator.print(f"paused at step {step} of {max_steps} (train.stop_at_step); checkpoint saved, "
+                                  "rerun without train.stop_at_step (or with a later one) to continue")
+                return 0
     finally:
         bar.close()
         for s, h in old_handlers.items():

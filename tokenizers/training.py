@@ -15,10 +15,11 @@ One backward pass and one optimizer step over ``objective.parameters()`` train b
 two adversarial terms never send gradient into each other's network. Before disc_start the terms are
 still computed (times 0), so every parameter gets a (zero) gradient each step, as DDP requires.
 
-Differences from the LDM/taming recipe, on purpose: no perceptual (LPIPS) term, because it needs
-pretrained VGG weights that cannot be obtained offline; and no adaptive generator weight (the ratio
-of gradient norms at the decoder's last layer), which needs a second autograd pass; disc_weight is a
-fixed number instead. There is no BatchNorm (the discriminator uses GroupNorm), so nothing depends
+Differences from the LDM/taming recipe, on purpose: LPIPS needs pretrained VGG weights that cannot be obtained
+offline, so the perceptual term (opt-in, ``perceptual_weight``) is LPIPS' baseline form on a feature network the
+project trains itself (``tokenizers.perceptual``):  loss += perceptual_weight * mean_B d(x, x_hat). No adaptive
+generator weight (the ratio of gradient norms at the decoder's last layer), which needs a second autograd pass;
+disc_weight is a fixed number instead. There is no BatchNorm (the discriminator uses GroupNorm), so nothing depends
 on per-process batch statistics under DDP.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kl_vae import KLTokenizer
+from .perceptual import PerceptualLoss, PerceptualNet
 
 
 @dataclass(frozen=True)
@@ -46,11 +48,17 @@ class VAETrainConfig:
     disc_lr_mult: float = 1.0  # discriminator lr = lr * disc_lr_mult
     disc_channels: int = 64  # width of the first discriminator conv (doubles per layer, up to 8x)
     disc_layers: int = 3  # stride-2 convs: one logit per (2**disc_layers)-pixel patch
+    perceptual_weight: float = 0.0  # weight of the offline perceptual term (tokenizers.perceptual); 0 = none
+    perceptual_net: str | None = None  # its feature network: the file a task=feature_net run writes
+    export_ema: bool = False  # export the EMA of the weights (optim.ema_rate) instead of the raw weights
 
     def __post_init__(self) -> None:
         if self.recon_loss not in ("l1", "l2"):
             raise ValueError(f"recon_loss must be 'l1' or 'l2', got {self.recon_loss!r}")
-        for name in ("kl_weight", "disc_weight", "disc_lr_mult"):
+        if (self.perceptual_weight > 0) != (self.perceptual_net is not None):
+            raise ValueError("vae.perceptual_weight > 0 and vae.perceptual_net go together: set both (the network "
+                             "file from `python train.py --config configs/fmnist_perceptual.yaml`) or neither")
+        for name in ("kl_weight", "disc_weight", "disc_lr_mult", "perceptual_weight"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -126,6 +134,13 @@ class KLVAEObjective(nn.Module):
         cfg = tokenizer.config
         check_reconstructs(cfg)
         self.tokenizer = tokenizer
+        self.perceptual: PerceptualLoss | None = None
+        if self.config.perceptual_net is not None:
+            net = PerceptualNet.load(self.config.perceptual_net)
+            if net.config.in_channels != cfg.in_channels:
+                raise ValueError(f"vae.perceptual_net {self.config.perceptual_net} takes {net.config.in_channels}-"
+                                 f"channel images, the tokenizer {cfg.in_channels}: train one on the same images")
+            self.perceptual = PerceptualLoss(net)
         self.discriminator: PatchDiscriminator | None = None
         if self.config.use_discriminator:
             self.discriminator = PatchDiscriminator(cfg.in_channels, self.config.disc_channels,
@@ -143,6 +158,8 @@ class KLVAEObjective(nn.Module):
             "recon": diff.abs().mean() if self.config.recon_loss == "l1" else diff.square().mean(),
             "kl": posterior.kl().mean(),  # kl() sums over (C_lat, h, w) -> (B,)
         }
+        if self.perceptual is not None:
+            out["perceptual"] = self.perceptual(images, recon).mean()
         if self.discriminator is not None:
             frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
             fake_for_g = torch.func.functional_call(self.discriminator, frozen, (recon,))
@@ -162,6 +179,8 @@ class KLVAEObjective(nn.Module):
         cfg = self.config
         t = self.terms(images, generator)
         loss = t["recon"] + cfg.kl_weight * t["kl"]
+        if self.perceptual is not None:
+            loss = loss + cfg.perceptual_weight * t["perceptual"]
         if self.discriminator is not None:
             f = adversarial_factor(step, cfg.disc_start)
             loss = loss + cfg.disc_weight * f * t["g_adv"] + f * t["d_loss"]

@@ -15,6 +15,7 @@ from diffloss.diffusion import annealed_step_counts, respace_timesteps
 from diffloss.loss import NUM_TRAIN_TIMESTEPS, check_sampling_options
 from mar.schedules import check_guidance
 from tokenizers import tokenizer_kind
+from tokenizers.perceptual import PerceptualNetConfig
 from tokenizers.training import VAETrainConfig
 from tokenizers.vq import VQTrainConfig
 
@@ -277,7 +278,7 @@ class SampleConfig(SamplingOptions):
 
 @dataclass
 class TrainConfig:
-    task: Literal["mar", "tokenizer"] = "mar"
+    task: Literal["mar", "tokenizer", "feature_net"] = "mar"
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -286,6 +287,7 @@ class TrainConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     vae: VAETrainConfig = field(default_factory=VAETrainConfig)  # used when task = tokenizer (KL-VAE presets)
     vq: VQTrainConfig = field(default_factory=VQTrainConfig)  # used when task = tokenizer (VQ presets)
+    perceptual: PerceptualNetConfig = field(default_factory=PerceptualNetConfig)  # task = feature_net
 
     def __post_init__(self) -> None:
         """The parts must fit: a categorical head needs discrete tokens, Diffusion Loss continuous ones, a

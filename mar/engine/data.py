@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import math
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -270,6 +271,17 @@ def _idx_file(root: Path, name: str) -> Path:
         "t10k-labels-idx1-ubyte.gz>")
 
 
+def parse_split(split: str) -> tuple[str, slice | None]:
+    """'train', 'test', or a contiguous part of one: 'train[:50000]', 'train[50000:]', 'test[100:200]'."""
+    m = re.fullmatch(r"(train|test)(?:\[(\d*):(\d*)\])?", str(split))
+    if m is None:
+        raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', or a part such as 'train[:50000]', "
+                         f"got {split!r}")
+    if "[" not in split:
+        return m[1], None
+    return m[1], slice(int(m[2]) if m[2] else None, int(m[3]) if m[3] else None)
+
+
 class FashionMNISTDataset(_SeededFlips):
     """Fashion-MNIST in memory. Item: (image (1, P, P) in [-1, 1], label): the 28x28 image centered on a
     P = pad_to square of background -1 (pixel 0); flipped when hflip and ``hflip_coin(seed, epoch, index)``.
@@ -277,12 +289,16 @@ class FashionMNISTDataset(_SeededFlips):
 
     def __init__(self, root: str | os.PathLike | None = None, split: str = "train", pad_to: int | None = 32,
                  hflip: bool = False, seed: int = 0, return_pair: bool = False):
-        if split not in ("train", "test"):
-            raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+        name, part = parse_split(split)
         root = Path(root if root is not None else FASHION_MNIST_ROOT)
-        prefix = "train" if split == "train" else "t10k"
+        prefix = "train" if name == "train" else "t10k"
         images = read_idx(_idx_file(root, f"{prefix}-images-idx3-ubyte"), ndim=3)  # (N, 28, 28) uint8
         labels = read_idx(_idx_file(root, f"{prefix}-labels-idx1-ubyte"), ndim=1)  # (N,) uint8
+        if part is not None:
+            images, labels = images[part], labels[part]
+            if len(images) == 0:
+                raise ValueError(f"Fashion-MNIST split {split!r} is empty (the {name} split has "
+                                 f"{len(read_idx(_idx_file(root, f'{prefix}-labels-idx1-ubyte'), ndim=1))} images)")
         if len(images) != len(labels) or labels.max() >= len(CLASS_NAMES):
             raise ValueError(f"{root}: {len(images)} images but {len(labels)} labels (max {labels.max()}): "
                              "the image and label files do not belong together")

@@ -35,6 +35,7 @@ from tokenizers import compute_scaling_factor, open_tokenizer, tokenizer_kind
 from tokenizers.training import KLVAEObjective, estimate_scaling_factor
 from tokenizers.multiscale import MultiScaleVQVAE, multiscale_preset
 from tokenizers.multiscale_training import MultiScaleVQObjective
+from tokenizers.perceptual import PerceptualNet
 from tokenizers.vq import VQObjective, VQTokenizer, vq_preset
 
 
@@ -220,7 +221,7 @@ class TokenizerTask:
     def export(self, ema: nn.Module, module: nn.Module, dataset, run_dir: Path, device) -> Path:
         """The trained (raw, as LDM VAEs are used) tokenizer, with the latent scaling factor 1/std computed from
         up to 2048 training images."""
-        trained = module.tokenizer
+        trained = ema if self.cfg.vae.export_ema and not (self.vq or self.multiscale) else module.tokenizer
         if self.multiscale:  # codes, or f_hat + residual: no latent scale to calibrate
             return atomic_write(run_dir / "tokenizer.safetensors", trained.save)
         bs = self.cfg.optim.batch_size
@@ -236,7 +237,53 @@ class TokenizerTask:
         return atomic_write(run_dir / "tokenizer.safetensors", trained.save)
 
 
-TASKS = {task.name: task for task in (MARTask, TokenizerTask)}
+class FeatureNetTask:
+    """The feature network of the offline perceptual loss (``tokenizers.perceptual``): a classifier trained with
+    cross-entropy on labelled images, exported for ``vae.perceptual_net``. Its architecture, seed and data split
+    must differ from the evaluation classifier's (configs/fmnist_perceptual.yaml)."""
+
+    name = "feature_net"
+
+    def __init__(self, cfg: TrainConfig):
+        if cfg.data.kind == "latents":
+            raise ValueError("task=feature_net trains on images: set data.kind to fashion_mnist or imagefolder")
+        self.cfg = cfg
+
+    def dataset(self):
+        return build_dataset(self.cfg.data, self.cfg.train.seed)
+
+    def build(self, device) -> nn.Module:
+        torch.manual_seed(self.cfg.train.seed)  # nn.Conv2d / nn.Linear initialise from the global RNG only
+        return PerceptualNet(self.cfg.perceptual).to(device)
+
+    def ema_source(self, module: nn.Module) -> nn.Module:
+        return module
+
+    def param_groups(self, module: nn.Module, lr: float) -> list[dict]:
+        return param_groups(module, self.cfg.optim.weight_decay, no_decay_prefixes=())
+
+    def loss(self, module, batch, step: int, generator: torch.Generator):
+        images, labels = batch
+        logits = module(images)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        return loss, {"accuracy": (logits.argmax(1) == labels).float().mean().detach()}
+
+    @staticmethod
+    def identity(config: dict) -> dict:
+        return {"perceptual": config.get("perceptual")}
+
+    def sample_grid(self, ema: nn.Module, step: int, path: Path) -> None:
+        pass
+
+    @torch.no_grad()
+    def export(self, ema: nn.Module, module: nn.Module, dataset, run_dir: Path, device) -> Path:
+        """The EMA weights, with what they were trained on in the metadata."""
+        c = self.cfg
+        info = {"data": f"{c.data.kind}:{c.data.split}", "seed": c.train.seed, "steps": c.train.max_steps}
+        return atomic_write(run_dir / "perceptual.safetensors", lambda tmp: ema.save(tmp, **info))
+
+
+TASKS = {task.name: task for task in (MARTask, TokenizerTask, FeatureNetTask)}
 
 
 @torch.no_grad()

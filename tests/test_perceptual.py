@@ -121,7 +121,7 @@ def test_feature_net_then_a_tokenizer_with_its_perceptual_term_through_train_py(
     ckpt = torch.load(tmp_path / "feat" / "checkpoints" / "step-00000003.pt", weights_only=True)
     assert all(torch.equal(v, ckpt["ema"][k]) for k, v in net.state_dict().items())  # the EMA weights
     assert net.config.widths == (8, 16, 16)
-    run("--config", str(ROOT / "configs" / "fmnist_tokenizer.yaml"), *small, "--train.max_steps=2",
+    run("--config", str(ROOT / "configs" / "fmnist_tokenizer_perceptual.yaml"), *small, "--train.max_steps=2",
         f"--vae.perceptual_net={feat}", f"--train.output_dir={tmp_path / 'tok'}", cwd=tmp_path)
     ckpt = torch.load(tmp_path / "tok" / "checkpoints" / "step-00000002.pt", weights_only=True)
     assert any(k.startswith("perceptual.net.") for k in ckpt["model"])

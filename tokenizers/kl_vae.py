@@ -110,6 +110,10 @@ KL_VAE_PRESETS: dict[str, KLVAEConfig] = {
     "kl_f4_c4": KLVAEConfig(block_out_channels=(32, 64, 64), latent_channels=4, norm_num_groups=16),  # 8x8x4
     "kl_f8_c4": KLVAEConfig(block_out_channels=(32, 64, 64, 128), latent_channels=4, norm_num_groups=16),  # 4x4x4
     "kl_f4_c8": KLVAEConfig(block_out_channels=(32, 64, 64), latent_channels=8, norm_num_groups=16),  # 8x8x8
+    # kl_f4_c8 sized for 32x32: one res block per level (the decoder two) and no attention (at 8x8 the convs'
+    # receptive field covers the image); 0.93 M parameters instead of 1.33 M, 1.6x faster per training step
+    "kl_f4_c8_lean": KLVAEConfig(block_out_channels=(32, 64, 64), latent_channels=8, norm_num_groups=16,
+                                 layers_per_block=1, encoder_attention=False, mid_block_add_attention=False),
 }
 
 

@@ -277,7 +277,7 @@ def parse_split(split: str) -> tuple[str, slice | None]:
     if m is None:
         raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', or a part such as 'train[:50000]', "
                          f"got {split!r}")
-    if "[" not in split:
+    if m[2] is None:  # no [start:stop]
         return m[1], None
     return m[1], slice(int(m[2]) if m[2] else None, int(m[3]) if m[3] else None)
 
@@ -295,10 +295,10 @@ class FashionMNISTDataset(_SeededFlips):
         images = read_idx(_idx_file(root, f"{prefix}-images-idx3-ubyte"), ndim=3)  # (N, 28, 28) uint8
         labels = read_idx(_idx_file(root, f"{prefix}-labels-idx1-ubyte"), ndim=1)  # (N,) uint8
         if part is not None:
+            whole = len(labels)
             images, labels = images[part], labels[part]
             if len(images) == 0:
-                raise ValueError(f"Fashion-MNIST split {split!r} is empty (the {name} split has "
-                                 f"{len(read_idx(_idx_file(root, f'{prefix}-labels-idx1-ubyte'), ndim=1))} images)")
+                raise ValueError(f"Fashion-MNIST split {split!r} is empty (the {name} split has {whole} images)")
         if len(images) != len(labels) or labels.max() >= len(CLASS_NAMES):
             raise ValueError(f"{root}: {len(images)} images but {len(labels)} labels (max {labels.max()}): "
                              "the image and label files do not belong together")

@@ -278,3 +278,18 @@ def test_duplicate_key_is_an_error(tmp_path):
     p = write(tmp_path / "dup.yaml", "optim:\n  ema_rate: 0.9\n  lr: 1.0e-3\n  ema_rate: 0.99\n")
     with pytest.raises(ConfigError, match=r"key 'ema_rate' appears twice in the same section \(line 4\)"):
         load_config(TrainConfig, p)
+
+
+def test_every_committed_config_loads_and_the_main_job_recipes_resolve_through_their_bases():
+    from pathlib import Path
+
+    from mar.config import load_config
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for path in sorted(root.rglob("*.yaml")):
+        load_config(TrainConfig, path)  # unknown keys, wrong types and ranges raise ConfigError naming the file
+    tok = load_config(TrainConfig, root / "fmnist_main_tokenizer.yaml")
+    assert (tok.task, tok.tokenizer.preset, tok.vae.disc_weight, tok.vae.perceptual_weight, tok.vae.export_ema) == \
+        ("tokenizer", "kl_f4_c8_lean", 0.0, 1.0, True)
+    mar = load_config(TrainConfig, root / "fmnist_main_mar.yaml")
+    assert (mar.model.preset, mar.model.diffusion_batch_mul, mar.tokenizer.preset, mar.train.max_steps) == \
+        ("mar_mini", 2, "kl_f4_c8_lean", 300)

@@ -15,6 +15,9 @@ import platform
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository (common imports mar)
+from common import cpu_model_name  # noqa: E402
+
 # The main job's bars (issue 13): at its best setting, scored on >= 1,000 samples.
 FD_BAR, ACC_BAR, MIN_N = 15.0, 0.85, 1000
 
@@ -23,16 +26,6 @@ def _load(path: Path) -> dict:
     if not path.is_file():
         sys.exit(f"main_report: {path} is missing: run bash .ci/main (it writes it) before the report")
     return json.loads(path.read_text())
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def report(out: Path, threads: int) -> str:
@@ -44,7 +37,7 @@ def report(out: Path, threads: int) -> str:
     n = bounds["num_images"]
     cfg = sweep["best"]["cfg"]
     lines = ["# The main job on Fashion-MNIST (bash .ci/main)", "",
-             f"Machine: {_cpu()}, {threads} cores, {platform.system()}; everything trained from scratch by this run.", ""]
+             f"Machine: {cpu_model_name()}, {threads} cores, {platform.system()}; everything trained from scratch by this run.", ""]
     if timing:
         lines += ["## Wall time", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {name} | {int(sec)} |" for name, sec in timing]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 import pytest
@@ -281,9 +282,6 @@ def test_duplicate_key_is_an_error(tmp_path):
 
 
 def test_every_committed_config_loads_and_the_main_job_recipes_resolve_through_their_bases():
-    from pathlib import Path
-
-    from mar.config import load_config
     root = Path(__file__).resolve().parents[1] / "configs"
     for path in sorted(root.rglob("*.yaml")):
         load_config(TrainConfig, path)  # unknown keys, wrong types and ranges raise ConfigError naming the file

@@ -193,6 +193,7 @@ class GaussianDiffusion:
             "one_minus_abar_prev": 1.0 - abar_prev,
         }
         self._on_device: dict[torch.device, dict[str, Tensor]] = {}
+        self._scalars: dict[tuple, dict[str, list[Tensor]]] = {}
 
     # -- table look-up -------------------------------------------------------------------------------
     def _device_tables(self, device: torch.device) -> dict[str, Tensor]:
@@ -207,6 +208,36 @@ class GaussianDiffusion:
         """table[name][t] cast to like.dtype, shaped (N, 1, ...) to broadcast against `like`."""
         values = self._device_tables(like.device)[name][t.to(like.device)]
         return values.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+    def _step_scalars(self, like: Tensor) -> dict[str, list[Tensor]]:
+        """Every table's value at every step as a 0-dim tensor in like's dtype and device, built once: a loop
+        whose rows share one step reads its coefficients without an index and a cast per step (the same values
+        as ``_coef``, so the same arithmetic bit for bit)."""
+        key = (like.device, like.dtype)
+        if key not in self._scalars:
+            tables = self._device_tables(like.device)
+            self._scalars[key] = {k: list(v.to(like.dtype).unbind(0)) for k, v in tables.items()
+                                  if k != "timestep_map"}
+        return self._scalars[key]
+
+    def _p_sample_at(self, model_output: Tensor, xt: Tensor, i: int, noise: Tensor, temperature: float,
+                     clip_denoised: float | None) -> Tensor:
+        """``p_sample`` for rows that all sit at step i (a sampling loop): the same operations in the same order,
+        with the step's coefficients as 0-dim tensors (``_step_scalars``) instead of per-row look-ups."""
+        channels = xt.shape[1]
+        if model_output.shape[1] != 2 * channels:
+            raise ValueError(f"model_output must have 2C = {2 * channels} channels (eps, v), "
+                             f"got {model_output.shape[1]}")
+        c = self._step_scalars(xt)
+        eps, v = model_output.split(channels, dim=1)
+        frac = (v + 1) / 2
+        log_var = frac * c["log_betas"][i] + (1 - frac) * c["post_logvar_clipped"][i]
+        pred_x0 = c["sqrt_recip_abar"][i] * xt - c["sqrt_recipm1_abar"][i] * eps
+        if clip_denoised is not None:
+            pred_x0 = pred_x0.clamp(-clip_denoised, clip_denoised)
+        mean = c["coef1"][i] * pred_x0 + c["coef2"][i] * xt
+        nonzero = 1.0 if i != 0 else 0.0
+        return mean + nonzero * torch.exp(0.5 * log_var) * noise * temperature
 
     def original_timesteps(self, t: Tensor) -> Tensor:
         """timestep_map[t]: the original integer timesteps the net is fed, (N,) long."""
@@ -310,14 +341,15 @@ class GaussianDiffusion:
         `p_mean_variance` (opt-in; None is the reference sampler).
         """
         x = self._start(shape, noise, generator, device, dtype, step_noise)
+        steps = self.timestep_map.tolist()
         for s, i in enumerate(reversed(range(self.num_timesteps))):
-            t = torch.full((shape[0],), i, device=x.device, dtype=torch.long)
-            model_output = net_fn(x, self.original_timesteps(t))
+            t = torch.full((shape[0],), steps[i], device=x.device, dtype=torch.long)  # timestep_map[i], every row
+            model_output = net_fn(x, t)
             if step_noise is None:
                 eta = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             else:
                 eta = step_noise[s].to(device=x.device, dtype=x.dtype)
-            x = self.p_sample(model_output, x, t, eta, temperature, clip_denoised)
+            x = self._p_sample_at(model_output, x, i, eta, temperature, clip_denoised)
         return x
 
     # -- DDIM (an opt-in fast path; the reference sampler above stays the default) ---------------------

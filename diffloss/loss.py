@@ -142,16 +142,17 @@ class DiffLoss(nn.Module):
             x_T, step_noise = noise[0].to(device=z.device, dtype=z.dtype), noise[1]
             if tuple(x_T.shape) != (n, self.in_channels):
                 raise ValueError(f"noise[0] (x_T) must have shape {(n, self.in_channels)}, got {tuple(x_T.shape)}")
-        net = self.net if autocast_dtype is None else _output_in_input_dtype(self.net)
+        net = _embedded(self.net) if autocast_dtype is None else _output_in_input_dtype(_embedded(self.net))
         if guided:
             x_T = torch.cat([x_T, x_T], dim=0)  # (2N, C): both halves start from the same noise
-
-            def net_fn(x: Tensor, t: Tensor) -> Tensor:
-                return guided_model_output(net, x, t, z, float(cfg))
-        else:
-            def net_fn(x: Tensor, t: Tensor) -> Tensor:
-                return net(x, t, z)
         with autocast_region(self, z.device.type, autocast_dtype):  # weights are cast once, not at every step
+            c = self.net.cond_embed(z)  # (N or 2N, W): the condition's embedding, the same at every step
+            if guided:
+                def net_fn(x: Tensor, t: Tensor) -> Tensor:
+                    return guided_model_output(net, x, t, c, float(cfg))
+            else:
+                def net_fn(x: Tensor, t: Tensor) -> Tensor:
+                    return net(x, t, c)
             if sampler == "ddim":
                 x = diffusion.ddim_sample_loop(net_fn, tuple(x_T.shape), x_T, eta, temperature, generator,
                                                step_noise=step_noise, clip_denoised=clip_denoised)
@@ -224,7 +225,14 @@ def autocast_region(module: nn.Module, device_type: str, dtype: torch.dtype | No
             p.requires_grad_(False)
 
 
-def _output_in_input_dtype(net: nn.Module):
+def _embedded(net: nn.Module):
+    """net(x, t, c) for a c already embedded by ``net.cond_embed`` (``SimpleMLPAdaLN.forward(embedded=True)``)."""
+    def fn(x: Tensor, t: Tensor, c: Tensor) -> Tensor:
+        return net(x, t, c, embedded=True)
+    return fn
+
+
+def _output_in_input_dtype(net):
     """net(x, t, c) with its (autocast, lower-precision) output cast back to x.dtype, so CFG and the
     diffusion arithmetic run at full precision."""
     def fn(x: Tensor, t: Tensor, c: Tensor) -> Tensor:

@@ -125,11 +125,13 @@ class SimpleMLPAdaLN(nn.Module):
             linear.weight.zero_()
             linear.bias.zero_()
 
-    def forward(self, x: Tensor, t: Tensor, c: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, c: Tensor, embedded: bool = False) -> Tensor:
+        """``embedded``: c is already ``cond_embed(c)`` (N, W), as a sampling loop computes it once for all its
+        steps (the condition does not change between diffusion steps; the same values, so the same output)."""
         if x.shape[-1] != self.in_channels:
             raise ValueError(f"x has {x.shape[-1]} channels, the net expects in_channels={self.in_channels}")
         x = self.input_proj(x)  # (N, W)
-        y = self.time_embed(t) + self.cond_embed(c)  # (N, W)
+        y = self.time_embed(t) + (c if embedded else self.cond_embed(c))  # (N, W)
         use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.res_blocks:
             x = checkpoint(block, x, y, use_reentrant=False) if use_checkpoint else block(x, y)

@@ -32,6 +32,7 @@ from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
 from mar import orders as orders_mod
+from mar.feature_cache import block_qkv
 from mar.generate import causal
 from mar.heads import DiffusionHeadSpec, HeadSpec
 from mar.model import TokenGenerator, init_transformer
@@ -49,10 +50,7 @@ def block_forward(block: Block, x: torch.Tensor, cache: dict | None = None) -> t
     """
     attn = block.attn
     b, n, _ = x.shape
-    h = block.norm1(x)
-    qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = block_qkv(block, x)
     past = 0
     if cache is not None:
         if "k" in cache:

@@ -15,7 +15,7 @@ from mar.registry import PRESETS
 from mar.run import Run, load_run
 
 OPTION_FLAGS = ("sampler", "eta", "diffusion_steps", "diffusion_steps_shape", "precision", "clip_denoised", "top_k",
-                "top_p", "choice_temperature", "more_smooth")
+                "top_p", "choice_temperature", "more_smooth", "feature_cache", "cache_refresh", "distilled_steps")
 
 
 def parse_clip_denoised(text: str) -> float:
@@ -44,6 +44,9 @@ def add_weights_args(p: argparse.ArgumentParser, default_help: str = "the shippe
                                                               "var_vqvae for VAR's)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default)")
     p.add_argument("--num-sampling-steps", type=int, help="diffusion steps per token (default: the model's, 100)")
+    p.add_argument("--distilled-head", help="a distilled head's .safetensors (train.py task=distill_head) to load "
+                                            "beside the MAR weights (default: the run folder's head_distilled"
+                                            ".safetensors, if any); used with --distilled-steps")
 
 
 def add_generation_args(p: argparse.ArgumentParser, lists: bool = True) -> None:
@@ -81,6 +84,15 @@ def add_option_args(fast, lists: bool = False) -> None:
                            "(the reference's visualisation option; off in its FID protocol)")
     fast.add_argument("--choice-temperature", type=float, metavar="T",
                       help="MaskGIT: scale of the Gumbel noise on the pick confidence, annealed to 0 (default 4.5)")
+    fast.add_argument("--feature-cache", choices=("off", "cfg", "tokens", "both"),
+                      help="feature caching across MAR steps (LazyMAR-like): 'cfg' reuses the unconditional branch's "
+                           "residual, 'tokens' recomputes only the tokens whose context changed, between full "
+                           "forwards every --cache-refresh steps (default: off, the reference loop)")
+    fast.add_argument("--cache-refresh", type=int, metavar="R", help="with --feature-cache: a full forward every R "
+                                                                     "MAR steps (default 2)")
+    fast.add_argument("--distilled-steps", type=int, metavar="S",
+                      help="sample with the distilled head (--distilled-head FILE, or the run's head_distilled"
+                           ".safetensors) in S steps (1-8) instead of the Diffusion Loss sampler")
 
 
 def run_from_args(args: argparse.Namespace, default=None) -> Run:
@@ -88,7 +100,8 @@ def run_from_args(args: argparse.Namespace, default=None) -> Run:
     source = args.checkpoint or args.run
     kwargs = {} if default is None else {"default": default}
     return load_run(source, model=args.model, tokenizer=args.tokenizer, tokenizer_preset=args.tokenizer_preset,
-                    ema=args.ema, num_sampling_steps=args.num_sampling_steps, **kwargs)
+                    ema=args.ema, num_sampling_steps=args.num_sampling_steps,
+                    distilled_head=getattr(args, "distilled_head", None), **kwargs)
 
 
 def options_from_args(args: argparse.Namespace, defaults: SampleConfig, swept: tuple[str, ...] = ()) -> SamplingOptions:
@@ -99,7 +112,9 @@ def options_from_args(args: argparse.Namespace, defaults: SampleConfig, swept: t
              "diffusion_steps_shape": args.diffusion_steps_shape,
              "clip_denoised": None if args.clip_denoised is None else (args.clip_denoised or "off"),
              "top_k": args.top_k, "top_p": args.top_p, "choice_temperature": args.choice_temperature,
-             "more_smooth": getattr(args, "more_smooth", None)}
+             "more_smooth": getattr(args, "more_smooth", None),
+             "feature_cache": getattr(args, "feature_cache", None), "cache_refresh": getattr(args, "cache_refresh", None),
+             "distilled_steps": getattr(args, "distilled_steps", None)}
     values = {k: getattr(defaults, k) if v is None or k in swept else v for k, v in given.items()}
     if values["clip_denoised"] == "off":
         values["clip_denoised"] = None

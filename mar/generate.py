@@ -28,8 +28,15 @@ from tqdm.auto import tqdm
 
 from diffloss.loss import autocast_region
 from mar.config.schema import SamplingOptions
+from mar.feature_cache import CachedConditions
 from mar.orders import known_first, make_orders, rand
 from mar.schedules import cfg_scales, check_guidance, generation_schedule
+
+
+def _check_no_feature_cache(options: SamplingOptions, loop: str) -> None:
+    if options.feature_cache != "off":
+        raise ValueError(f"feature_cache={options.feature_cache!r} is for MAR's masked loop; the {loop} loop has "
+                         "none: set feature_cache=off (the causal loop has its own kv_cache)")
 
 
 def _select(generator, rows: list[int]):
@@ -120,18 +127,26 @@ def _masked_rows(model, tokens: Tensor, orders: Tensor, class_embedding: Tensor,
     use_cfg = cfg != 1.0
     if use_cfg:  # one batched forward for [cond; uncond]
         class_embedding = torch.cat([class_embedding, model.embed_labels(None, b)])
-    masked_now = num_unknown
+    cached = None
+    if options.feature_cache != "off":  # opt-in (mar.feature_cache); "off" is the reference loop below
+        cached = CachedConditions(model, options.feature_cache, options.cache_refresh, b, use_cfg, tokens.device,
+                                  options.autocast_dtype or model.fake_latent.dtype)
+    masked_now, written = num_unknown, None
     for k in tqdm(range(num_iter), disable=not progress, desc="MAR steps", leave=False):
         m_next = masked_after[k]
         if m_next == masked_now:  # the clamp left nothing to predict at this step
             continue
         visible = orders[:, masked_now:].sort(dim=-1).values
         pred = orders[:, m_next:masked_now].sort(dim=-1).values  # (b, n) positions predicted now
-        x, vis, pos = tokens, visible, pred
-        if use_cfg:
-            x, vis, pos = torch.cat([x, x]), torch.cat([vis, vis]), torch.cat([pred, pred])
-        z = model.conditions(x, vis, class_embedding)  # (b or 2b, L, D)
-        z = torch.gather(z, 1, pos.unsqueeze(-1).expand(-1, -1, z.shape[-1]))  # (b or 2b, n, D)
+        if cached is not None:
+            z = cached(tokens, visible, pred, written, class_embedding)  # (b or 2b, n, D)
+            written = pred
+        else:
+            x, vis, pos = tokens, visible, pred
+            if use_cfg:
+                x, vis, pos = torch.cat([x, x]), torch.cat([vis, vis]), torch.cat([pred, pred])
+            z = model.conditions(x, vis, class_embedding)  # (b or 2b, L, D)
+            z = torch.gather(z, 1, pos.unsqueeze(-1).expand(-1, -1, z.shape[-1]))  # (b or 2b, n, D)
         n = pred.shape[1]
         new = head.sample(z.reshape(-1, z.shape[-1]).to(model.fake_latent.dtype), temperature=temperature,
                           cfg=scales[k], generator=generator, options=options, num_steps=steps[k])
@@ -156,6 +171,7 @@ def causal(model, batch_size: int, *, labels: Tensor | None = None, cfg: float =
     """
     options = SamplingOptions() if options is None else options
     check_guidance(cfg, temperature)
+    _check_no_feature_cache(options, "causal")
     head = model.head
     device, dtype = model.fake_latent.device, model.fake_latent.dtype
     b, L = batch_size, model.seq_len
@@ -215,6 +231,7 @@ def maskgit(model, batch_size: int, *, labels: Tensor | None = None, num_iter: i
     """
     options = SamplingOptions() if options is None else options
     check_guidance(cfg, temperature)
+    _check_no_feature_cache(options, "MaskGIT")
     head = model.head
     if head.kind != "discrete" or not hasattr(head, "sample_with_confidence"):
         raise ValueError("MaskGIT decoding needs a categorical head (discrete tokens): set model.head=categorical")

@@ -284,6 +284,9 @@ class MAR(TokenGenerator):
         diffusion_steps_shape: str = "linear",
         autocast_dtype: torch.dtype | None = None,
         clip_denoised: float | None = None,
+        feature_cache: str = "off",
+        cache_refresh: int = 2,
+        distilled_steps: int | None = None,
     ) -> torch.Tensor:
         """Generate (B, c, h, w) tokens: ``mar.generate.masked`` with this model, unpatchified.
 
@@ -294,11 +297,14 @@ class MAR(TokenGenerator):
         The sampler settings are ``options`` (a ``mar.config.SamplingOptions``), or the same settings as
         keywords (``autocast_dtype`` for its ``precision``); the defaults are the reference algorithm. Opt-in:
         ``sampler="ddim"`` with ``eta``, ``diffusion_steps_schedule=(first, last)`` annealed over the iterations
-        (``diffusion_steps_shape``), ``autocast_dtype`` bf16 / fp16, and the guard ``clip_denoised`` r.
+        (``diffusion_steps_shape``), ``autocast_dtype`` bf16 / fp16, the guard ``clip_denoised`` r, the feature
+        cache across steps (``feature_cache`` cfg / tokens / both, a full forward every ``cache_refresh`` steps;
+        ``mar.feature_cache``) and the distilled head in ``distilled_steps`` steps.
         """
         keywords = dict(sampler=sampler, eta=eta, diffusion_steps_schedule=diffusion_steps_schedule,
                         diffusion_steps_shape=diffusion_steps_shape, precision=precision_of(autocast_dtype),
-                        clip_denoised=clip_denoised)
+                        clip_denoised=clip_denoised, feature_cache=feature_cache, cache_refresh=cache_refresh,
+                        distilled_steps=distilled_steps)
         if options is None:
             options = SamplingOptions(**keywords)
         elif SamplingOptions(**keywords) != SamplingOptions():

@@ -182,6 +182,7 @@ class RunConfig:
                f"stop_at_step must be >= 1, or null to train to the end, got {self.stop_at_step}")
 
 
+FEATURE_CACHES = ("off", "cfg", "tokens", "both")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype of each precision
 
 
@@ -221,6 +222,17 @@ class SamplingOptions:
     # Next-scale (VAR) generators: each scale's code embeddings as a Gumbel-softmax mixture instead of the sampled
     # codes (the reference's ``more_smooth``, for visualisation; never in its FID protocol).
     more_smooth: bool = False
+    # Feature caching across MAR steps (opt-in; LazyMAR, Yan et al. 2025, Sec. 3): ``cfg`` computes the
+    # unconditional conditions only at refresh steps and reuses their residual to the conditional ones in
+    # between; ``tokens`` recomputes, at the steps between refreshes, only the tokens whose context changed (the
+    # tokens written at the last step and the tokens predicted now), every other token's block outputs and
+    # keys/values coming from the last refresh; ``both`` does both. A full forward runs every ``cache_refresh``
+    # steps (and at the first); "off", the default, is the reference loop.
+    feature_cache: Literal["off", "cfg", "tokens", "both"] = "off"
+    cache_refresh: int = 2
+    # A few-step distilled head (opt-in): sample with the distilled head attached to the model (its weights load
+    # beside the MAR weights) in this many steps, instead of the Diffusion Loss sampler. None = the head's sampler.
+    distilled_steps: Optional[int] = None
 
     def __post_init__(self) -> None:
         from mar.categorical import check_top
@@ -243,6 +255,16 @@ class SamplingOptions:
             object.__setattr__(self, "diffusion_steps_schedule", tuple(steps))
         _check(self.diffusion_steps_shape in ("linear", "cosine"),
                f"diffusion_steps_shape must be 'linear' or 'cosine', got {self.diffusion_steps_shape!r}")
+        _check(self.feature_cache in FEATURE_CACHES, f"feature_cache must be one of {', '.join(FEATURE_CACHES)}, "
+                                                     f"got {self.feature_cache!r}")
+        _check(isinstance(self.cache_refresh, int) and not isinstance(self.cache_refresh, bool)
+               and self.cache_refresh >= 1, f"cache_refresh must be an int >= 1 (1 = a full forward at every step), "
+                                            f"got {self.cache_refresh!r}")
+        _check(self.distilled_steps is None or (isinstance(self.distilled_steps, int)
+                                                and not isinstance(self.distilled_steps, bool)
+                                                and 1 <= self.distilled_steps <= 8),
+               f"distilled_steps must be None / null (the Diffusion Loss sampler) or an int in [1, 8], got "
+               f"{self.distilled_steps!r}")
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -277,8 +299,49 @@ class SampleConfig(SamplingOptions):
 
 
 @dataclass
+class DistillConfig:
+    """task=distill_head: a few-step student of a trained MAR's Diffusion Loss head (``diffloss.distill``).
+
+    ``teacher`` the MAR weights (a run folder or its mar_ema.safetensors; its tokenizer comes with it);
+    ``depth`` / ``width`` the student's MLP (None = the teacher head's); ``steps`` the student step counts
+    trained (each in [1, 8]); ``teacher_steps`` K of the teacher's deterministic DDIM; ``cfg_max``: each row's
+    guidance scale w ~ U[1, cfg_max]; ``rows`` condition rows per micro-batch, drawn from the masked positions;
+    ``no_guidance_prob`` the share of rows trained unguided (u = c, w = 1: sampling with cfg 1); ``clip_denoised``
+    the teacher's guard (None = off); ``init_from_teacher`` starts the student from the teacher's weights where
+    the sizes fit.
+    """
+
+    teacher: Optional[str] = None
+    depth: Optional[int] = None
+    width: Optional[int] = None
+    steps: list[int] = field(default_factory=lambda: [1, 2, 4])
+    teacher_steps: int = 50
+    cfg_max: float = 5.0
+    rows: int = 256
+    no_guidance_prob: float = 0.1
+    clip_denoised: Optional[float] = None
+    init_from_teacher: bool = True
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.steps, list) and len(self.steps) >= 1 and len(set(self.steps)) == len(self.steps)
+               and all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= 8 for s in self.steps),
+               f"steps must be a list of distinct step counts in [1, 8] (e.g. [1, 2, 4]), got {self.steps!r}")
+        _check(max(self.steps) <= self.teacher_steps <= NUM_TRAIN_TIMESTEPS,
+               f"teacher_steps must be in [{max(self.steps)}, {NUM_TRAIN_TIMESTEPS}] (at least the largest of steps), "
+               f"got {self.teacher_steps}")
+        for name in ("depth", "width"):
+            v = getattr(self, name)
+            _check(v is None or v >= (0 if name == "depth" else 1),
+                   f"{name} must be null (the teacher head's) or {'>= 0' if name == 'depth' else '>= 1'}, got {v}")
+        _check(1.0 <= self.cfg_max < float("inf"), f"cfg_max must be a finite number >= 1, got {self.cfg_max}")
+        _check(self.rows >= 1, f"rows must be >= 1, got {self.rows}")
+        _check(0.0 <= self.no_guidance_prob <= 1.0, f"no_guidance_prob must be in [0, 1], got {self.no_guidance_prob}")
+        check_sampling_options("ddim", 0.0, None, self.clip_denoised)
+
+
+@dataclass
 class TrainConfig:
-    task: Literal["mar", "tokenizer", "feature_net"] = "mar"
+    task: Literal["mar", "tokenizer", "feature_net", "distill_head"] = "mar"
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -288,6 +351,7 @@ class TrainConfig:
     vae: VAETrainConfig = field(default_factory=VAETrainConfig)  # used when task = tokenizer (KL-VAE presets)
     vq: VQTrainConfig = field(default_factory=VQTrainConfig)  # used when task = tokenizer (VQ presets)
     perceptual: PerceptualNetConfig = field(default_factory=PerceptualNetConfig)  # task = feature_net
+    distill: DistillConfig = field(default_factory=DistillConfig)  # task = distill_head
 
     def __post_init__(self) -> None:
         """The parts must fit: a categorical head needs discrete tokens, Diffusion Loss continuous ones, a

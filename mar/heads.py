@@ -27,12 +27,19 @@ checkpoints keep ``diffloss.*``, and the tokens' input embedding of the generato
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from diffloss import DiffLoss
+from diffloss.distill import DistilledHead
+from mar.engine.checkpoint import export_safetensors, read_safetensors
+
+DISTILLED_NAME = "head_distilled.safetensors"  # train.py task=distill_head's export, beside the MAR weights
+NO_DISTILLED_HEAD = ("no distilled head is attached to this model: load one with --distilled-head FILE or train one "
+                     "with train.py task=distill_head")
 
 
 class Head(Protocol):
@@ -71,6 +78,7 @@ class DiffusionHead(DiffLoss):
 
     kind = "continuous"
     token_dtype = torch.float32
+    distilled_head: DistilledHead | None = None  # the few-step sampler, attached with ``attach_distilled``
 
     def __init__(self, target_channels: int, z_channels: int, depth: int, width: int,
                  num_sampling_steps: int | str = "100", batch_mul: int = 4, grad_checkpointing: bool = False,
@@ -90,13 +98,42 @@ class DiffusionHead(DiffLoss):
 
     def sample(self, z: Tensor, temperature: float = 1.0, cfg: float = 1.0, generator=None, noise=None, *,
                options=None, num_steps: int | None = None, **sampler_options) -> Tensor:
-        """``DiffLoss.sample``; ``options`` (a ``SamplingOptions``) supplies sampler, eta, autocast and guard."""
+        """``DiffLoss.sample``; ``options`` (a ``SamplingOptions``) supplies sampler, eta, autocast and guard.
+
+        With ``options.distilled_steps`` S the attached distilled head samples instead, in S steps (the same
+        rows, generators and temperature; the diffusion sampler's settings and ``num_steps`` do not apply)."""
+        if options is not None and options.distilled_steps is not None:
+            if self.distilled_head is None:
+                raise ValueError(NO_DISTILLED_HEAD)
+            if noise is not None:
+                raise ValueError("the distilled head draws only x_T from the generator: pass no noise")
+            return self.distilled_head.sample(z, temperature, cfg, generator, num_steps=options.distilled_steps)
         if options is not None:
             if sampler_options:
                 raise ValueError(f"pass the sampler settings either in options or as {sorted(sampler_options)}")
             sampler_options = dict(sampler=options.sampler, eta=options.eta, autocast_dtype=options.autocast_dtype,
                                    clip_denoised=options.clip_denoised)
         return super().sample(z, temperature, cfg, generator, noise, num_steps=num_steps, **sampler_options)
+
+    def attach_distilled(self, head: DistilledHead | None, source: str = "the distilled head") -> None:
+        """Use ``head`` for ``options.distilled_steps`` (None detaches). A plain attribute, not a submodule: the
+        state dict keeps the published keys; ``.to()`` / ``.half()`` move it with this head (``_apply``)."""
+        if head is not None:
+            want = (self.in_channels, self.net.cond_embed.in_features)
+            if (head.token_channels, head.z_channels) != want:
+                raise ValueError(f"{source} was distilled for tokens of {head.token_channels} channels and conditions "
+                                 f"of width {head.z_channels}, this model's head has {want[0]} and {want[1]}: pass the "
+                                 "head distilled from these MAR weights with --distilled-head FILE, or train one with "
+                                 "train.py task=distill_head --distill.teacher=<these weights>")
+            p = next(self.net.parameters())
+            head = head.to(device=p.device, dtype=p.dtype).eval().requires_grad_(False)
+        object.__setattr__(self, "distilled_head", head)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self.distilled_head is not None:
+            self.distilled_head._apply(fn, recurse)
+        return self
 
 
 @dataclass(frozen=True)
@@ -117,3 +154,16 @@ class DiffusionHeadSpec:
     def input_embedding(self, token_dim: int, width: int) -> nn.Module:
         """Continuous tokens enter the generator through a Linear (the reference's ``z_proj``)."""
         return nn.Linear(token_dim, width)
+
+
+def save_distilled_head(head: DistilledHead, path: str | Path) -> Path:
+    """Write ``head`` (weights, sizes, trained steps, K, cfg_max and ``head.info`` provenance) as safetensors,
+    atomically (``export_safetensors``)."""
+    state, meta = head.export_state()
+    return export_safetensors(state, path, meta)
+
+
+def load_distilled_head(path: str | Path) -> DistilledHead:
+    """The ``DistilledHead`` of a ``save_distilled_head`` file, in eval mode on CPU."""
+    state, meta = read_safetensors(path)
+    return DistilledHead.from_state(state, meta, source=str(path))

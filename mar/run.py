@@ -30,6 +30,8 @@ import torch
 from mar.config.schema import SampleConfig
 from mar.engine.checkpoint import (CheckpointError, find_latest_checkpoint, load_checkpoint,
                                    load_reference_mar_state_dict, read_safetensors)
+from mar.eval.sample_folders import fingerprint
+from mar.heads import DISTILLED_NAME, DiffusionHead, load_distilled_head
 from mar.model import MAR
 from mar.registry import PRESETS, create_model, load_state_dict_strict
 from tokenizers import KLTokenizer, KLVAEConfig, open_tokenizer
@@ -74,18 +76,56 @@ class Run:
 
 def load_run(source: str | Path | None = None, *, model: str | None = None, tokenizer: str | Path | None = None,
              tokenizer_preset: str = "kl16", ema: bool = True, num_sampling_steps: int | None = None,
-             default: Path | None = SHIPPED_RUN) -> Run:
+             default: Path | None = SHIPPED_RUN, distilled_head: str | Path | None = None) -> Run:
     """Load ``source`` (a run folder or a weights file; None = ``default``, the shipped weights) as a ``Run``.
 
     ``model`` names the preset of a config-less (published) checkpoint; ``num_sampling_steps`` rebuilds the
-    head's sampler with that many diffusion steps.
+    head's sampler with that many diffusion steps. ``distilled_head``: a ``head_distilled.safetensors`` (train.py
+    task=distill_head) to attach to the model's Diffusion Loss head for ``SamplingOptions.distilled_steps``; None
+    = the run folder's, if any; False = none. A task=distill_head output folder (a distilled head, no MAR weights)
+    as ``source`` loads the MAR weights the head was distilled from, with the head.
     """
+    if source is not None and distilled_head is None and Path(source).is_dir() \
+            and not (Path(source) / EXPORT_NAME).is_file() and (Path(source) / DISTILLED_NAME).is_file():
+        distilled_head = Path(source) / DISTILLED_NAME
+        source = distilled_teacher(distilled_head)
     weights, run_dir = resolve_weights(source, ema, default)
     state, config, tok_meta = read_weights(weights, ema)
     tok_path = find_tokenizer(tokenizer, run_dir, config, weights)
     tok = load_tokenizer(tok_path, tok_meta, config, tokenizer_preset)
     mar, preset, kwargs = build_model(state, config, model, tok, weights, num_sampling_steps)
+    if distilled_head is None and run_dir is not None and (run_dir / DISTILLED_NAME).is_file():
+        distilled_head = run_dir / DISTILLED_NAME
+    if distilled_head:
+        attach_distilled_head(mar, Path(distilled_head), state, weights)
     return Run(mar, tok.eval(), config, preset, kwargs, weights, tok_path, run_dir, ema, state)
+
+
+def distilled_teacher(path: Path) -> Path:
+    """The MAR weights a distilled head file was distilled from (its metadata's ``mar_weights``)."""
+    teacher = load_distilled_head(path).info.get("mar_weights")
+    if not teacher or not Path(teacher).exists():
+        raise FileNotFoundError(f"{path} was distilled from {teacher or 'unrecorded MAR weights'}, not found here: pass "
+                                f"--run <the MAR run> --distilled-head {path}")
+    return Path(teacher)
+
+
+def attach_distilled_head(mar, path: Path, state: dict, weights: Path) -> None:
+    """Attach the distilled head file ``path`` to ``mar``'s Diffusion Loss head, after checking that it fits these
+    weights: its sizes (token channels, condition width) and the fingerprint of the MAR weights it came from."""
+    head = load_distilled_head(path)
+    target = getattr(mar, "head", None)
+    if not isinstance(target, DiffusionHead):
+        raise ValueError(f"{path} is a distilled Diffusion Loss head, but {weights} has a "
+                         f"{getattr(target, 'kind', type(target).__name__)} head of type {type(target).__name__}: "
+                         "drop --distilled-head")
+    target.attach_distilled(head, source=str(path))
+    recorded = head.info.get("mar_fingerprint")
+    if recorded and recorded != fingerprint(state):
+        target.attach_distilled(None)
+        raise ValueError(f"{path} was distilled from other MAR weights ({head.info.get('mar_weights', '?')}) than "
+                         f"{weights}: pass those weights with --run/--checkpoint, or distill a head for these with "
+                         f"train.py task=distill_head --distill.teacher={weights}")
 
 
 def resolve_weights(source, ema: bool, default: Path | None) -> tuple[Path, Path | None]:

@@ -51,7 +51,7 @@ def test_unknown_key_lists_valid_keys(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(TrainConfig, p)
     assert str(e.value) == (f"{p}: unknown key 'opt' (did you mean 'optim'?); valid keys at the top level: "
-                            "task, model, tokenizer, data, optim, train, sample, vae, vq, perceptual")
+                            "task, model, tokenizer, data, optim, train, sample, vae, vq, perceptual, distill")
 
 
 @pytest.mark.parametrize("text, message", [

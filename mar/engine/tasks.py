@@ -11,7 +11,8 @@ A task has
     sample_grid(ema, step, path)       a picture of the progress (or nothing)
     export(ema, module, data, run_dir, device) -> Path   the file sampling uses
 
-``TASKS`` maps names to classes; ``cache_latents`` is the one-off encoding pass of ``--cache-latents``.
+Tasks: mar (a generator), tokenizer, feature_net (the perceptual loss's network), distill_head (a few-step
+student of a trained MAR's Diffusion Loss head). ``TASKS`` maps names to classes; ``cache_latents`` is the one-off encoding pass of ``--cache-latents``.
 """
 from __future__ import annotations
 
@@ -23,14 +24,19 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from diffloss.distill import DistilledHead, DistillObjective, init_from_teacher
+from mar import orders, schedules
 from mar.config.loader import config_to_dict
 from mar.config.schema import TrainConfig
 from mar.engine.checkpoint import export_safetensors
 from mar.engine.data import build_dataset, save_latent_cache
 from mar.engine.loop import param_groups
+from mar.heads import DISTILLED_NAME, DiffusionHead, save_distilled_head
+from mar.eval.sample_folders import fingerprint
 from mar.io import atomic_write, write_grid
 from mar.pipeline import model_device
 from mar.registry import create_model
+from mar.run import load_run
 from tokenizers import compute_scaling_factor, open_tokenizer, tokenizer_kind
 from tokenizers.training import KLVAEObjective, estimate_scaling_factor
 from tokenizers.multiscale import MultiScaleVQVAE, multiscale_preset
@@ -283,7 +289,115 @@ class FeatureNetTask:
         return atomic_write(run_dir / "perceptual.safetensors", lambda tmp: ema.save(tmp, **info))
 
 
-TASKS = {task.name: task for task in (MARTask, TokenizerTask, FeatureNetTask)}
+class DistillTask:
+    """A few-step distilled Diffusion Loss head (``diffloss.distill``) for a trained, frozen MAR (``distill.teacher``).
+
+    The training rows are the teacher's own sampling inputs: per image, a random order and a mask ratio as in
+    ``MAR.forward``, then the frozen MAR's ``conditions`` for that visible set twice, with the class and with the
+    "no class" vector (``embed_labels(None, b)``); the masked positions' (cond, uncond) rows, ``distill.rows`` of
+    them drawn at random, go to the distillation loss (``DistillObjective``: w, x_T, the teacher's guided DDIM
+    states under no_grad, the student's loss). Only the student trains; its EMA is exported as
+    ``head_distilled.safetensors`` with the teacher's path and weight fingerprint (``mar.run.load_run`` checks it).
+    """
+
+    name = "distill_head"
+
+    def __init__(self, cfg: TrainConfig):
+        if cfg.distill.teacher is None:
+            raise ValueError("task=distill_head needs the MAR to distill: set distill.teacher=<a MAR run folder or "
+                             "its mar_ema.safetensors> (e.g. pretrained/fmnist)")
+        self.cfg = cfg
+        self.run = None
+
+    def dataset(self):
+        return build_dataset(self.cfg.data, self.cfg.train.seed)
+
+    def build(self, device) -> nn.Module:
+        d = self.cfg.distill
+        self.run = load_run(d.teacher, distilled_head=False).to(device)
+        mar = self.run.model.eval().requires_grad_(False)
+        head = getattr(mar, "head", None)
+        if not isinstance(head, DiffusionHead) or not hasattr(mar, "conditions"):
+            raise ValueError(f"distill.teacher {d.teacher} is not a MAR with a Diffusion Loss head (model "
+                             f"{type(mar).__name__}): task=distill_head distills MAR's per-token diffusion")
+        net = head.net
+        info = {"mar_weights": str(self.run.weights), "mar_fingerprint": fingerprint(self.run.state_dict),
+                "teacher_clip_denoised": repr(d.clip_denoised)}
+        student = DistilledHead(head.in_channels, net.cond_embed.in_features,
+                                net.num_res_blocks if d.depth is None else d.depth,
+                                net.model_channels if d.width is None else d.width, d.steps, d.teacher_steps,
+                                d.cfg_max, generator=torch.Generator().manual_seed(self.cfg.train.seed), info=info)
+        if d.init_from_teacher:
+            init_from_teacher(student.student, net)
+        return DistillObjective(student, net, d.no_guidance_prob, d.clip_denoised).to(device)
+
+    def ema_source(self, module: nn.Module) -> nn.Module:
+        return module.head
+
+    def param_groups(self, module: nn.Module, lr: float) -> list[dict]:
+        return param_groups(module, self.cfg.optim.weight_decay, no_decay_prefixes=())
+
+    @torch.no_grad()
+    def conditions(self, tokens: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond) rows (R, D) of the masked positions: MAR.forward's order and mask ratio, one batched
+        ``conditions`` call for [class; "no class"] on the same visible set, then R = distill.rows rows drawn."""
+        mar = self.run.model
+        x = mar.patchify(tokens)  # (B, L, C)
+        b, L = x.shape[:2]
+        order = orders.random_orders(b, L, generator, x.device)
+        m = schedules.num_masked_tokens(L, schedules.sample_mask_ratio(generator, mar.mask_ratio_min))
+        masked, visible = schedules.split_by_order(order, m)
+        classes = torch.cat([mar.embed_labels(labels, b), mar.embed_labels(None, b)])
+        z = mar.conditions(torch.cat([x, x]), torch.cat([visible, visible]), classes)  # (2B, L, D)
+        z = torch.gather(z, 1, torch.cat([masked, masked]).unsqueeze(-1).expand(-1, -1, z.shape[-1]))  # (2B, m, D)
+        c, u = (h.reshape(b * m, -1) for h in z.chunk(2))
+        if len(c) > self.cfg.distill.rows:
+            pick = torch.randperm(len(c), generator=generator, device=generator.device)[: self.cfg.distill.rows]
+            c, u = c[pick.to(c.device)], u[pick.to(c.device)]
+        return c, u
+
+    def loss(self, module, batch, step: int, generator: torch.Generator):
+        x, y = batch
+        tok, mar = self.run.tokenizer, self.run.model
+        with torch.no_grad():
+            tokens = (tok.sample_from_moments(x, generator=generator) if self.cfg.data.kind == "latents"
+                      else tok.encode(x, generator=generator))
+        if tokens.shape[1] * mar.patch_size**2 != mar.token_embed_dim:
+            raise ValueError(f"the data gives tokens of {tokens.shape[1]} channels, the teacher MAR takes "
+                             f"{mar.token_embed_dim // mar.patch_size**2}: cache the latents with the teacher's "
+                             "tokenizer (train.py --cache-latents with its tokenizer.checkpoint)")
+        c, u = self.conditions(tokens, y, generator)
+        return module(c, u, generator)
+
+    @staticmethod
+    def identity(config: dict) -> dict:
+        return {"distill": config.get("distill")}
+
+    @torch.no_grad()
+    def sample_grid(self, ema: nn.Module, step: int, path: Path) -> None:
+        """The teacher MAR sampling with the EMA student (the config's sample section; distilled_steps null = the
+        fewest trained): one row per class (up to 10), 8 samples per row."""
+        s, mar = self.cfg.sample, self.run.model
+        mar.head.attach_distilled(ema)
+        options = dataclasses.replace(s.sampling_options(), distilled_steps=s.distilled_steps or min(ema.steps))
+        labels = torch.arange(min(mar.num_classes, 10), device=model_device(mar)).repeat_interleave(8)
+        g = torch.Generator(labels.device).manual_seed(self.cfg.train.seed)
+        tokens = mar.sample_tokens(len(labels), num_iter=min(s.num_iter, mar.seq_len), cfg=s.cfg,
+                                   cfg_schedule=s.cfg_schedule, labels=labels, temperature=s.temperature, generator=g,
+                                   options=options)
+        mar.head.attach_distilled(None)
+        write_grid(self.run.tokenizer.to_uint8(self.run.tokenizer.decode(tokens)).cpu().numpy(), 8, path)
+
+    def export(self, ema: nn.Module, module: nn.Module, dataset, run_dir: Path, device) -> Path:
+        """The EMA student with its sizes, steps, teacher (path, fingerprint) and training length."""
+        t = self.cfg.train
+        ema.info.update(training_steps=str(t.max_steps if t.max_steps is not None else f"{self.cfg.optim.epochs} epochs"),
+                        config=json.dumps(config_to_dict(self.cfg)))
+        return save_distilled_head(ema, run_dir / DISTILLED_NAME)
+
+
+TASKS = {task.name: task for task in (MARTask, TokenizerTask, FeatureNetTask, DistillTask)}
 
 
 @torch.no_grad()

@@ -70,6 +70,10 @@ def settings_key(run: Run, setting: Setting, seed: int, classes) -> dict:
     for name in ("top_k", "top_p", "choice_temperature", "more_smooth"):  # categorical / VAR; at defaults no key
         if getattr(o, name) != getattr(SamplingOptions, name):
             key[name] = getattr(o, name)
+    distilled = getattr(run.model.head, "distilled_head", None)
+    if o.distilled_steps is not None:  # the distilled head samples: its steps and weights (absent = the head's sampler)
+        key["distilled_steps"] = o.distilled_steps
+        key["distilled_head_sha256"] = S.fingerprint(distilled.state_dict()) if distilled is not None else None
     return {**key, "cfg": setting.cfg, "temperature": setting.temperature, "num_iter": setting.num_iter}
 
 

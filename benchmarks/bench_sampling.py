@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from common import build, machine_line, parse_variant, sync, timed
+from common import build, machine_line, parse_variant, split_num_iter, sync, timed
 
 
 class HeadTimer:
@@ -59,15 +59,18 @@ class HeadTimer:
 
 
 def time_generation(model, batch: int, num_iter: int, cfg: float, variant: dict, device, repeats: int = 1,
-                    warmup: int = 1) -> tuple[float, float]:
-    """(median total seconds, median head seconds) of one ``sample_tokens`` call."""
+                    warmup: int = 1, warmup_num_iter: int | None = None) -> tuple[float, float]:
+    """(median total seconds, median head seconds) of one ``sample_tokens`` call; the ``warmup`` unmeasured runs
+    take ``warmup_num_iter`` MAR steps (None: the measured count; a GPU needs only a short run to load kernels)."""
     labels = torch.arange(batch, device=device) % model.num_classes
+    variant, num_iter = split_num_iter(variant, num_iter)
     totals, heads = [], []
     for r in range(warmup + repeats):
+        steps = num_iter if r >= warmup or warmup_num_iter is None else min(warmup_num_iter, num_iter)
         with HeadTimer(model, device) as head:
             sync(device)
             t0 = time.perf_counter()
-            model.sample_tokens(batch, num_iter=num_iter, cfg=cfg, labels=labels,
+            model.sample_tokens(batch, num_iter=steps, cfg=cfg, labels=labels,
                                 generator=torch.Generator(device).manual_seed(r), **variant)
             sync(device)
             total = time.perf_counter() - t0
@@ -90,6 +93,9 @@ def main(argv=None) -> None:
     p.add_argument("--compile", action="store_true", help="mar.model.compile_for_sampling before timing")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1, help="unmeasured runs before each measured setting")
+    p.add_argument("--warmup-num-iter", type=int, help="MAR steps of the warm-up runs (default: the measured count)")
+    p.add_argument("--compile-mode", default=None, help="with --compile: torch.compile's mode (e.g. reduce-overhead "
+                                                        "for CUDA graphs on a GPU; default: torch's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -106,7 +112,7 @@ def main(argv=None) -> None:
         run = lambda: model.sample_tokens(a.batch[0], num_iter=a.num_iter[0], cfg=a.cfg[-1], labels=labels,  # noqa
                                           generator=torch.Generator(device).manual_seed(0), **variant)
         eager = timed(run, device, repeats=1)
-        compile_for_sampling(model)
+        compile_for_sampling(model, **({"mode": a.compile_mode} if a.compile_mode else {}))
         t0 = time.perf_counter()
         run()
         first = time.perf_counter() - t0
@@ -115,7 +121,8 @@ def main(argv=None) -> None:
               f"cfg {a.cfg[-1]}): "
               f"eager {eager:.2f} s, first compiled run {first:.1f} s, next {steady:.2f} s -> compile cost about "
               f"{first - steady:.1f} s, speed-up {eager / steady:.2f}x")
-    print("variant | batch num_iter steps cfg | s/image images/s | transformer% head%")
+    cuda = device.type == "cuda"
+    print("variant | batch num_iter steps cfg | s/image images/s | transformer% head%" + (" | peak GiB" if cuda else ""))
     for spec in a.variant:
         variant = parse_variant(spec)
         for steps in a.steps:
@@ -123,10 +130,14 @@ def main(argv=None) -> None:
             for batch in a.batch:
                 for num_iter in a.num_iter:
                     for cfg in a.cfg:
-                        total, head = time_generation(model, batch, num_iter, cfg, variant, device, a.repeats, a.warmup)
+                        if cuda:
+                            torch.cuda.reset_peak_memory_stats(device)
+                        total, head = time_generation(model, batch, num_iter, cfg, variant, device, a.repeats, a.warmup,
+                                                      a.warmup_num_iter)
+                        peak = f" | {torch.cuda.max_memory_allocated(device) / 2**30:.2f}" if cuda else ""
                         print(f"{spec} | {batch:5d} {num_iter:8d} {steps:5d} {cfg:3.1f} | {total / batch:8.4f} "
                               f"{batch / total:9.2f} | {100 * (total - head) / total:10.1f}% "
-                              f"{100 * head / total:4.1f}%", flush=True)
+                              f"{100 * head / total:4.1f}%{peak}", flush=True)
 
 
 if __name__ == "__main__":

@@ -92,7 +92,9 @@ def parse_variant(spec: str) -> dict:
     "exact" (or "") is the reference path. Otherwise comma-separated key=value pairs:
       sampler=ddpm|ddim   eta=FLOAT   steps=K (fixed K diffusion steps)   anneal=START-END
       shape=linear|cosine (of the annealing)   precision=fp32|bf16|fp16 (autocast)
-    e.g. "sampler=ddim,anneal=50-10,precision=bf16".
+      cache=off|cfg|tokens|both (feature cache across MAR steps)   refresh=R (its full-forward interval)
+      distilled=S (the distilled head in S steps)   iters=K (MAR steps instead of the run's / the sweep's)
+    e.g. "sampler=ddim,anneal=50-10,precision=bf16", "sampler=ddim,steps=10,cache=both,refresh=3".
     """
     spec = spec.strip()
     if spec in ("", "exact"):
@@ -118,10 +120,24 @@ def parse_variant(spec: str) -> dict:
             if value not in PRECISIONS:
                 raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {value!r}")
             kwargs["autocast_dtype"] = PRECISIONS[value]
+        elif key == "cache":
+            kwargs["feature_cache"] = value
+        elif key == "refresh":
+            kwargs["cache_refresh"] = int(value)
+        elif key == "distilled":
+            kwargs["distilled_steps"] = int(value)
+        elif key == "iters":
+            kwargs["num_iter"] = int(value)
         else:
             raise ValueError(f"unknown variant key {key!r} in {spec!r}: "
-                             "use sampler, eta, steps, anneal, shape, precision")
+                             "use sampler, eta, steps, anneal, shape, precision, cache, refresh, distilled, iters")
     return kwargs
+
+
+def split_num_iter(variant: dict, num_iter: int) -> tuple[dict, int]:
+    """(the variant's sampler keywords, its MAR steps): an ``iters=K`` item overrides ``num_iter``."""
+    variant = dict(variant)
+    return variant, variant.pop("num_iter", num_iter)
 
 
 def diffusion_steps_per_iter(model, variant: dict, num_iter: int) -> list[int]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine_line, parse_variant
+from common import machine_line, parse_variant, split_num_iter
 from mar.cli import parse_clip_denoised
 from mar.engine.data import item_seed
 from mar.eval.metrics import score_folder
@@ -42,6 +42,7 @@ def generate(model, tok, variant: dict, out: Path, num_images: int, batch: int, 
              temperature: float, seed: int) -> dict:
     """Write the variant's images; returns seconds spent sampling tokens and decoding."""
     out.mkdir(parents=True, exist_ok=True)
+    variant, num_iter = split_num_iter(variant, num_iter)
     sample_s = decode_s = 0.0
     grid = []
     for start in range(0, num_images, batch):
@@ -66,6 +67,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help="a run folder or mar_ema.safetensors of a task=mar run")
     p.add_argument("--tokenizer", help="tokenizer file (default: the run config's tokenizer.checkpoint)")
+    p.add_argument("--distilled-head", help="a distilled head (train.py task=distill_head) for distilled=S variants")
     p.add_argument("--classifier", required=True, help="Fashion-MNIST classifier (evaluate.py train-classifier)")
     p.add_argument("--ref", default="fashion_mnist:test", help="reference images (a folder, .npz, fashion_mnist:SPLIT)")
     p.add_argument("--ref-stats", help="a statistics file instead of --ref (fid and isc only)")
@@ -82,7 +84,7 @@ def main(argv=None) -> None:
     p.add_argument("--clip-denoised", metavar="R|off", type=parse_clip_denoised,
                    help="sampler guard for every variant (default: the run's sample.clip_denoised)")
     a = p.parse_args(argv)
-    run = load_run(a.weights, tokenizer=a.tokenizer)
+    run = load_run(a.weights, tokenizer=a.tokenizer, distilled_head=a.distilled_head)
     model, tok = run.model, run.tokenizer
     clip = run.sample_defaults.clip_denoised if a.clip_denoised is None else (a.clip_denoised or None)
     out = Path(a.out)

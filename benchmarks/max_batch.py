@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from common import build, machine_line, parse_variant
+from common import build, machine_line, parse_variant, split_num_iter
 
 
 def largest_fit(fits: Callable[[int], bool], start: int = 1, limit: int = 1 << 16) -> int:
@@ -37,6 +37,7 @@ def try_batch(model, batch: int, num_iter: int, cfg: float, variant: dict, devic
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     labels = torch.arange(batch, device=device) % model.num_classes
+    variant, num_iter = split_num_iter(variant, num_iter)
     try:
         model.sample_tokens(batch, num_iter=num_iter, cfg=cfg, labels=labels,
                             generator=torch.Generator(device).manual_seed(0), **variant)

@@ -107,6 +107,9 @@ def main(argv=None) -> None:
     results = {}
     for spec in a.variant:
         variant = parse_variant(spec)
+        if "num_iter" in variant or variant.get("feature_cache", "off") != "off":
+            raise SystemExit(f"variant {spec!r}: the cost model extrapolates per-iteration costs of the uncached "
+                             "loop at --num-iter; time iters= and cache= variants with bench_sampling.py")
         m = probe(model, a.batch, a.probe_iter, a.probe_steps, a.cfg, variant, not a.no_warmup)
         tr, hd = predict(m, model, a.num_iter, diffusion_steps_per_iter(model, variant, a.num_iter))
         total = results[spec] = tr + hd

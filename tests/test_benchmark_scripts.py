@@ -75,3 +75,29 @@ def test_next_scale_benchmark_runs_at_tiny_sizes(capsys):
     for line in lines:
         step, rate, per_image = (float(v) for v in line.split("|")[2:5])
         assert step > 0 and rate > 0 and per_image > 0
+
+
+def test_gpu_check_runs_on_cpu_at_tiny_sizes():
+    """benchmarks/gpu_check.sh end to end at tiny sizes: each section runs and prints its figures, and the
+    sampling rows' images/s agree with their s/image (one is the inverse of the other, per row)."""
+    import os
+    import re
+    import subprocess
+
+    env = {**os.environ, "GPU_CHECK_SETTING": "tiny", "GPU_CHECK_BATCHES": "2 3", "GPU_CHECK_NUM_ITER": "4",
+           "GPU_CHECK_TRAIN_BATCH": "2", "GPU_CHECK_DEVICE": "cpu", "PYTHON": sys.executable,
+           "GPU_CHECK_FAST": "sampler=ddim,steps=4,cache=both,refresh=2", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for section in ("== 1. sampling", "== 2. training", "== 3. largest sampling batch", "# gpu_check done"):
+        assert section in out
+    rows = re.findall(r"^(exact|sampler=\S+) \|\s+(\d+)\s+4\s+\d+ 3\.0 \|\s+([0-9.]+)\s+([0-9.]+) \|", out, re.M)
+    assert sorted((name.split(",")[0], int(b)) for name, b, _, _ in rows) == [
+        ("exact", 2), ("exact", 3), ("sampler=ddim", 2), ("sampler=ddim", 3)]
+    for _, _, s_per_image, images_per_s in rows:
+        assert float(images_per_s) == pytest.approx(1 / float(s_per_image), rel=0.02, abs=0.02)
+    train = re.findall(r"^tiny bf16 ([01]) 2 \| ([0-9.]+) ([0-9.]+) \| (\d+)", out, re.M)
+    assert sorted(ckpt for ckpt, *_ in train) == ["0", "1"]
+    assert "skipped: needs CUDA" in out

@@ -76,7 +76,7 @@ class Run:
 
 def load_run(source: str | Path | None = None, *, model: str | None = None, tokenizer: str | Path | None = None,
              tokenizer_preset: str = "kl16", ema: bool = True, num_sampling_steps: int | None = None,
-             default: Path | None = SHIPPED_RUN, distilled_head: str | Path | None = None) -> Run:
+             default: Path | None = SHIPPED_RUN, distilled_head: str | Path | bool | None = None) -> Run:
     """Load ``source`` (a run folder or a weights file; None = ``default``, the shipped weights) as a ``Run``.
 
     ``model`` names the preset of a config-less (published) checkpoint; ``num_sampling_steps`` rebuilds the

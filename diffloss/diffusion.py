@@ -204,8 +204,12 @@ class GaussianDiffusion:
             self._on_device[device] = tables
         return self._on_device[device]
 
-    def _coef(self, name: str, t: Tensor, like: Tensor) -> Tensor:
-        """table[name][t] cast to like.dtype, shaped (N, 1, ...) to broadcast against `like`."""
+    def _coef(self, name: str, t: Tensor | int, like: Tensor) -> Tensor:
+        """table[name][t] cast to like.dtype, shaped (N, 1, ...) to broadcast against `like`; for an int t (every
+        row at that step, as in a sampling loop) the precomputed 0-dim value (``_step_scalars``: the same value,
+        without an index and a cast per call)."""
+        if isinstance(t, int):
+            return self._step_scalars(like)[name][t]
         values = self._device_tables(like.device)[name][t.to(like.device)]
         return values.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
@@ -219,25 +223,6 @@ class GaussianDiffusion:
             self._scalars[key] = {k: list(v.to(like.dtype).unbind(0)) for k, v in tables.items()
                                   if k != "timestep_map"}
         return self._scalars[key]
-
-    def _p_sample_at(self, model_output: Tensor, xt: Tensor, i: int, noise: Tensor, temperature: float,
-                     clip_denoised: float | None) -> Tensor:
-        """``p_sample`` for rows that all sit at step i (a sampling loop): the same operations in the same order,
-        with the step's coefficients as 0-dim tensors (``_step_scalars``) instead of per-row look-ups."""
-        channels = xt.shape[1]
-        if model_output.shape[1] != 2 * channels:
-            raise ValueError(f"model_output must have 2C = {2 * channels} channels (eps, v), "
-                             f"got {model_output.shape[1]}")
-        c = self._step_scalars(xt)
-        eps, v = model_output.split(channels, dim=1)
-        frac = (v + 1) / 2
-        log_var = frac * c["log_betas"][i] + (1 - frac) * c["post_logvar_clipped"][i]
-        pred_x0 = c["sqrt_recip_abar"][i] * xt - c["sqrt_recipm1_abar"][i] * eps
-        if clip_denoised is not None:
-            pred_x0 = pred_x0.clamp(-clip_denoised, clip_denoised)
-        mean = c["coef1"][i] * pred_x0 + c["coef2"][i] * xt
-        nonzero = 1.0 if i != 0 else 0.0
-        return mean + nonzero * torch.exp(0.5 * log_var) * noise * temperature
 
     def original_timesteps(self, t: Tensor) -> Tensor:
         """timestep_map[t]: the original integer timesteps the net is fed, (N,) long."""
@@ -308,11 +293,15 @@ class GaussianDiffusion:
         return mse + vb
 
     # -- sampling ----------------------------------------------------------------------------------
-    def p_sample(self, model_output: Tensor, xt: Tensor, t: Tensor, noise: Tensor,
+    def p_sample(self, model_output: Tensor, xt: Tensor, t: Tensor | int, noise: Tensor,
                  temperature: float = 1.0, clip_denoised: float | None = None) -> Tensor:
-        """One ancestral step: x_{t-1} = mean + [t > 0] exp(0.5 logvar) noise temperature."""
+        """One ancestral step: x_{t-1} = mean + [t > 0] exp(0.5 logvar) noise temperature. ``t``: (N,) indices, or
+        one int index for every row (``_coef``)."""
         mean, log_var, _ = self.p_mean_variance(model_output, xt, t, clip_denoised)
-        nonzero = (t != 0).to(device=xt.device, dtype=xt.dtype).view(-1, *([1] * (xt.dim() - 1)))
+        if isinstance(t, int):
+            nonzero = 1.0 if t != 0 else 0.0
+        else:
+            nonzero = (t != 0).to(device=xt.device, dtype=xt.dtype).view(-1, *([1] * (xt.dim() - 1)))
         return mean + nonzero * torch.exp(0.5 * log_var) * noise * temperature
 
     def _start(self, shape: tuple[int, ...], noise: Tensor | None, generator: torch.Generator | None,
@@ -349,7 +338,7 @@ class GaussianDiffusion:
                 eta = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             else:
                 eta = step_noise[s].to(device=x.device, dtype=x.dtype)
-            x = self._p_sample_at(model_output, x, i, eta, temperature, clip_denoised)
+            x = self.p_sample(model_output, x, i, eta, temperature, clip_denoised)  # int i: the step's scalars
         return x
 
     # -- DDIM (an opt-in fast path; the reference sampler above stays the default) ---------------------

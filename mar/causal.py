@@ -32,7 +32,7 @@ from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
 from mar import orders as orders_mod
-from mar.feature_cache import block_qkv
+from mar.feature_cache import block_output, block_qkv
 from mar.generate import causal
 from mar.heads import DiffusionHeadSpec, HeadSpec
 from mar.model import TokenGenerator, init_transformer
@@ -49,7 +49,7 @@ def block_forward(block: Block, x: torch.Tensor, cache: dict | None = None) -> t
     on the whole sequence.
     """
     attn = block.attn
-    b, n, _ = x.shape
+    n = x.shape[1]
     q, k, v = block_qkv(block, x)
     past = 0
     if cache is not None:
@@ -63,9 +63,7 @@ def block_forward(block: Block, x: torch.Tensor, cache: dict | None = None) -> t
     else:
         allowed = torch.ones(n, past + n, dtype=torch.bool, device=x.device).tril(diagonal=past)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
-    out = attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).reshape(b, n, -1))))
-    x = x + block.drop_path1(block.ls1(out))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return block_output(block, x, out)
 
 
 class CausalAR(TokenGenerator):

@@ -39,6 +39,15 @@ def block_qkv(block, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return attn.q_norm(q), attn.k_norm(k), v
 
 
+def block_output(block, x: Tensor, attended: Tensor) -> Tensor:
+    """The rest of a timm ``Block`` after its attention: heads merged, proj, then the residual, LayerScale and the
+    MLP branch. x (B, n, D) the block's input rows, attended (B, H, n, hd) the attention's output for them."""
+    b, n, _ = x.shape
+    out = block.attn.proj_drop(block.attn.proj(block.attn.norm(attended.transpose(1, 2).reshape(b, n, -1))))
+    x = x + block.drop_path1(block.ls1(out))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
 def _attend(block, x: Tensor, slots: Tensor, keys: Tensor, values: Tensor, valid: Tensor) -> Tensor:
     """A timm ``Block`` on the active rows x (B, A, D) at ``slots`` (B, A) of a slot sequence whose keys and values
     (B, H, S, hd) are cached: the active rows' own keys/values are written into the cache first, then their queries
@@ -50,9 +59,7 @@ def _attend(block, x: Tensor, slots: Tensor, keys: Tensor, values: Tensor, valid
     keys.scatter_(2, idx, k.to(keys.dtype))
     values.scatter_(2, idx, v.to(values.dtype))
     out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=valid[:, None, None, :])
-    out = attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).reshape(b, a, -1))))
-    x = x + block.drop_path1(block.ls1(out))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return block_output(block, x, out)
 
 
 class TokenCache:

@@ -25,7 +25,8 @@ from mar.config import ConfigError, TrainConfig, load_config, save_config
 from mar.engine.checkpoint import CheckpointError
 from mar.engine.dist import lock_folder, shutdown
 from mar.engine.loop import check_launch, fit, resume_point
-from mar.engine.tasks import TASKS, cache_latents
+from mar.engine.caching import cache_latents
+from mar.engine.tasks import TASKS
 from mar.io import FolderBusy, describe_os_error, remove_stale_temps
 
 
@@ -34,7 +35,14 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--config", help="YAML config (configs/*.yaml); mar/config/schema.py lists every key")
     p.add_argument("--resume", help="checkpoint to resume from (default: the latest in the run directory)")
     p.add_argument("--no-resume", action="store_true", help="start fresh (refused if the folder has checkpoints)")
-    p.add_argument("--cache-latents", metavar="OUT", help="encode the dataset to a latent cache file and exit")
+    p.add_argument("--cache-latents", metavar="OUT",
+                   help="encode the dataset to a latent cache and exit: OUT a folder = bounded shards written by every "
+                        "process (resumable; train with data.kind=latents data.path=OUT), OUT a .safetensors file = "
+                        "one file from the main process (holds every moment in memory: small datasets)")
+    p.add_argument("--cache-shard-mb", type=float, default=1024.0, metavar="MB",
+                   help="size bound of one shard of a cache folder, in MiB (default 1024)")
+    p.add_argument("--cache-dtype", choices=["float32", "float16"], default="float32",
+                   help="how the cached moments are stored (float16 halves the cache; default float32)")
     args, overrides = p.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--") or "=" not in o]
     if bad:
@@ -50,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     try:
-        return train(cfg, cache=args.cache_latents, resume=Path(args.resume) if args.resume else None,
+        if args.cache_latents:
+            return cache(cfg, Path(args.cache_latents), args.cache_shard_mb, args.cache_dtype)
+        return train(cfg, resume=Path(args.resume) if args.resume else None,
                      fresh=args.no_resume)
     except (ConfigError, CheckpointError, FileNotFoundError, FolderBusy, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -65,7 +75,26 @@ def main(argv: list[str] | None = None) -> int:
         shutdown()
 
 
-def train(cfg: TrainConfig, cache: str | None = None, resume: Path | None = None, fresh: bool = False) -> int:
+def accelerator_for(cfg: TrainConfig, **kwargs) -> Accelerator:
+    """The launch's accelerator (CPU when no CUDA device; bf16 on CUDA for mixed_precision=auto)."""
+    cpu = not torch.cuda.is_available()
+    precision = ("no" if cpu else "bf16") if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision
+    accelerator = Accelerator(cpu=cpu, mixed_precision=precision, **kwargs)
+    check_launch(accelerator.num_processes)
+    return accelerator
+
+
+def cache(cfg: TrainConfig, out: Path, shard_mb: float, dtype: str) -> int:
+    """Encode the dataset once (``mar.engine.caching``): every process of the launch takes its shards."""
+    try:
+        cache_latents(cfg, out, accelerator_for(cfg), shard_mb, dtype)
+    except KeyboardInterrupt:  # complete shards are kept; the partial one is a temporary, removed on the rerun
+        print(f"stopped; rerun the command to finish {out} (its complete shards are kept)", file=sys.stderr)
+        return 130
+    return 0
+
+
+def train(cfg: TrainConfig, resume: Path | None = None, fresh: bool = False) -> int:
     """Check everything, then lock the output folder, then train; nothing is written before the checks pass."""
     cpu = not torch.cuda.is_available()
     precision = ("no" if cpu else "bf16") if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision
@@ -77,11 +106,6 @@ def train(cfg: TrainConfig, cache: str | None = None, resume: Path | None = None
     accelerator = Accelerator(cpu=cpu, mixed_precision=precision, log_with=["tensorboard"] if tensorboard else None,
                               project_dir=str(run_dir))
     check_launch(accelerator.num_processes)
-    if cache:
-        if accelerator.is_main_process:
-            cache_latents(cfg, Path(cache), accelerator.device)
-        accelerator.wait_for_everyone()
-        return 0
     task = TASKS[cfg.task](cfg)
     dataset = task.dataset()
     global_batch = cfg.optim.batch_size * cfg.optim.grad_accum * accelerator.num_processes

@@ -115,9 +115,13 @@ def build_dataset(data, seed: int, return_pair: bool = False) -> Dataset:
                                    hflip=data.hflip and not return_pair, seed=seed, return_pair=return_pair)
     if data.kind == "latents":
         if data.path is None:
-            raise ValueError("data.kind=latents needs data.path=<latent cache file> (made with --cache-latents)")
+            raise ValueError("data.kind=latents needs data.path=<latent cache folder or file> (made with --cache-latents)")
         if return_pair:
             raise ValueError("--cache-latents needs images: set data.kind to imagefolder or fashion_mnist")
+        if Path(data.path).is_dir():  # a sharded cache folder (mar.engine.latent_shards)
+            from mar.engine.latent_shards import ShardedLatentDataset
+
+            return ShardedLatentDataset(data.path, hflip=data.hflip, seed=seed)
         return LatentCacheDataset(data.path, hflip=data.hflip, seed=seed)
     if data.path is None:
         raise ValueError("data.kind=imagefolder needs data.path=<folder with one sub-folder per class>")
@@ -362,6 +366,7 @@ class LatentCacheDataset(_SeededFlips):
         if hflip and "moments_flip" not in names:
             raise ValueError(f"{self.path} holds no flipped moments: pass hflip=False or re-cache with flips")
         self.moments_shape = tuple(shape[1:])
+        self.tokenizer_fingerprint = self.meta.get("tokenizer_fingerprint")  # absent in caches before 2026-12
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -12,7 +12,8 @@ A task has
     export(ema, module, data, run_dir, device) -> Path   the file sampling uses
 
 Tasks: mar (a generator), tokenizer, feature_net (the perceptual loss's network), distill_head (a few-step
-student of a trained MAR's Diffusion Loss head). ``TASKS`` maps names to classes; ``cache_latents`` is the one-off encoding pass of ``--cache-latents``.
+student of a trained MAR's Diffusion Loss head). ``TASKS`` maps names to classes (``mar.engine.caching`` holds the
+one-off encoding pass of ``--cache-latents``).
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from mar import orders, schedules
 from mar.config.loader import config_to_dict
 from mar.config.schema import TrainConfig
 from mar.engine.checkpoint import export_safetensors
-from mar.engine.data import build_dataset, save_latent_cache
+from mar.engine.data import build_dataset
+from mar.engine.latent_shards import tokenizer_fingerprint
 from mar.engine.loop import param_groups
 from mar.heads import DISTILLED_NAME, DiffusionHead, save_distilled_head
 from mar.eval.sample_folders import fingerprint
@@ -51,7 +53,31 @@ def build_tokenizer(cfg: TrainConfig):
     return open_tokenizer(t.checkpoint, t.preset, t.in_channels, t.scaling_factor, continuous=t.continuous)
 
 
-class MARTask:
+def check_latent_source(dataset, tokenizer) -> None:
+    """Cached latents must come from the tokenizer being trained on: a cache records its tokenizer's weight
+    fingerprint (caches written before it did are not checked)."""
+    made_by = getattr(dataset, "tokenizer_fingerprint", None)
+    if made_by is not None and made_by != tokenizer_fingerprint(tokenizer):
+        where = getattr(dataset, "folder", None) or getattr(dataset, "path", "the latent cache")
+        raise ValueError(f"{where} was encoded by another tokenizer (weight fingerprint {made_by[:12]}, this "
+                         f"config's tokenizer.checkpoint has {tokenizer_fingerprint(tokenizer)[:12]}): set "
+                         "tokenizer.checkpoint to the tokenizer that wrote it, or re-cache the data with this one "
+                         "(train.py --cache-latents DIR)")
+
+
+class _TaskData:
+    """What every task shares: its dataset, built from the config's data section and kept for the checks of
+    ``build`` (the latent cache's tokenizer)."""
+
+    cfg: TrainConfig
+    data = None
+
+    def dataset(self):
+        self.data = build_dataset(self.cfg.data, self.cfg.train.seed)
+        return self.data
+
+
+class MARTask(_TaskData):
     """A class-conditional generator on the tokens of a frozen tokenizer (MAR paper, Sec. 5.1)."""
 
     name = "mar"
@@ -63,15 +89,13 @@ class MARTask:
         self.cfg = cfg
         self.tokenizer = None
 
-    def dataset(self):
-        return build_dataset(self.cfg.data, self.cfg.train.seed)
-
     @property
     def next_scale(self) -> bool:
         return self.cfg.model.arch == "var"
 
     def build(self, device) -> nn.Module:
         self.tokenizer = build_tokenizer(self.cfg).to(device).eval().requires_grad_(False)
+        check_latent_source(self.data, self.tokenizer)
         if self.next_scale:
             return NextScaleObjective(build_next_scale(self.cfg, self.tokenizer).to(device), self.tokenizer)
         m = dataclasses.asdict(self.cfg.model)
@@ -173,7 +197,7 @@ class NextScaleObjective(nn.Module):
         return self.model.training_loss(latent, labels, generator)
 
 
-class TokenizerTask:
+class TokenizerTask(_TaskData):
     """A tokenizer: the KL-VAE (reconstruction + KL, + an optional PatchGAN term, ``tokenizers.training``) or,
     for a ``vq*`` preset, the VQ tokenizer (reconstruction + codebook + beta * commitment, dead codes
     restarted, ``tokenizers.vq``), or for a multi-scale preset VAR's multi-scale VQVAE (reconstruction + the
@@ -186,9 +210,6 @@ class TokenizerTask:
         self.cfg = cfg
         kind = tokenizer_kind(cfg.tokenizer.preset)
         self.vq, self.multiscale = kind == "discrete", kind == "multiscale"
-
-    def dataset(self):
-        return build_dataset(self.cfg.data, self.cfg.train.seed)
 
     def build(self, device) -> nn.Module:
         t = self.cfg.tokenizer
@@ -243,7 +264,7 @@ class TokenizerTask:
         return atomic_write(run_dir / "tokenizer.safetensors", trained.save)
 
 
-class FeatureNetTask:
+class FeatureNetTask(_TaskData):
     """The feature network of the offline perceptual loss (``tokenizers.perceptual``): a classifier trained with
     cross-entropy on labelled images, exported for ``vae.perceptual_net``. Its architecture, seed and data split
     must differ from the evaluation classifier's (configs/fmnist_perceptual.yaml)."""
@@ -254,9 +275,6 @@ class FeatureNetTask:
         if cfg.data.kind == "latents":
             raise ValueError("task=feature_net trains on images: set data.kind to fashion_mnist or imagefolder")
         self.cfg = cfg
-
-    def dataset(self):
-        return build_dataset(self.cfg.data, self.cfg.train.seed)
 
     def build(self, device) -> nn.Module:
         torch.manual_seed(self.cfg.train.seed)  # nn.Conv2d / nn.Linear initialise from the global RNG only
@@ -289,7 +307,7 @@ class FeatureNetTask:
         return atomic_write(run_dir / "perceptual.safetensors", lambda tmp: ema.save(tmp, **info))
 
 
-class DistillTask:
+class DistillTask(_TaskData):
     """A few-step distilled Diffusion Loss head (``diffloss.distill``) for a trained, frozen MAR (``distill.teacher``).
 
     The training rows are the teacher's own sampling inputs: per image, a random order and a mask ratio as in
@@ -309,12 +327,10 @@ class DistillTask:
         self.cfg = cfg
         self.run = None
 
-    def dataset(self):
-        return build_dataset(self.cfg.data, self.cfg.train.seed)
-
     def build(self, device) -> nn.Module:
         d = self.cfg.distill
         self.run = load_run(d.teacher, distilled_head=False).to(device)
+        check_latent_source(self.data, self.run.tokenizer)
         mar = self.run.model.eval().requires_grad_(False)
         head = getattr(mar, "head", None)
         if not isinstance(head, DiffusionHead) or not hasattr(mar, "conditions"):
@@ -398,22 +414,3 @@ class DistillTask:
 
 
 TASKS = {task.name: task for task in (MARTask, TokenizerTask, FeatureNetTask, DistillTask)}
-
-
-@torch.no_grad()
-def cache_latents(cfg: TrainConfig, out: Path, device) -> Path:
-    """Encode the dataset once: posterior moments of each image and of its flip (with data.hflip), plus labels."""
-    flip = cfg.data.hflip
-    dataset = build_dataset(cfg.data, cfg.train.seed, return_pair=flip)
-    tok = build_tokenizer(cfg).to(device).eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers)
-    moments, flips, labels = [], [], []
-    for batch in tqdm(loader, desc="caching latents"):
-        moments.append(tok.encode_moments(batch[0].to(device)).cpu())
-        if flip:
-            flips.append(tok.encode_moments(batch[1].to(device)).cpu())
-        labels.append(batch[-1])
-    meta = {"scaling_factor": str(getattr(tok, "scaling_factor", 1.0)), "tokenizer": json.dumps(tok.config.to_dict())}
-    save_latent_cache(out, torch.cat(moments), torch.cat(flips) if flip else None, torch.cat(labels), meta)
-    print(f"wrote {out}: {sum(len(m) for m in moments)} images, moments {tuple(moments[0].shape[1:])}")
-    return Path(out)

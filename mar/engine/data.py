@@ -92,8 +92,10 @@ class EpochIndexed(Dataset):
 
 
 def train_batches(dataset, seed: int, batch_size: int, grad_accum: int, start_step: int, rank: int, world: int,
-                  num_workers: int = 0) -> Iterator:
-    """This rank's micro-batches from ``start_step`` on, ``grad_accum`` of them per optimizer step."""
+                  num_workers: int = 0, pin_memory: bool = False) -> Iterator:
+    """This rank's micro-batches from ``start_step`` on, ``grad_accum`` of them per optimizer step. Workers
+    (``num_workers`` > 0) persist across epochs; ``pin_memory`` (CUDA runs) puts batches in page-locked memory so
+    the copy to the GPU can overlap compute. Neither changes what is drawn."""
     global_batch = batch_size * grad_accum * world
 
     def keys():
@@ -105,7 +107,7 @@ def train_batches(dataset, seed: int, batch_size: int, grad_accum: int, start_st
             step += 1
 
     return iter(torch.utils.data.DataLoader(EpochIndexed(dataset), batch_sampler=keys(), num_workers=num_workers,
-                                            persistent_workers=num_workers > 0))
+                                            persistent_workers=num_workers > 0, pin_memory=pin_memory))
 
 
 def build_dataset(data, seed: int, return_pair: bool = False) -> Dataset:

@@ -206,7 +206,8 @@ def fit(task, cfg: TrainConfig, accelerator, run_dir: Path, dataset, ckpt: Path 
     stop = {"signal": None}
     old_handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
                     for s in (signal.SIGTERM, signal.SIGINT)}
-    data = train_batches(dataset, t.seed, o.batch_size, o.grad_accum, step, rank, world, cfg.data.num_workers)
+    data = train_batches(dataset, t.seed, o.batch_size, o.grad_accum, step, rank, world, cfg.data.num_workers,
+                         pin_memory=torch.device(device).type == "cuda")
     bar = tqdm(total=max_steps, initial=step, disable=not accelerator.is_local_main_process, desc=f"train {task.name}")
     t_last, n_last = time.perf_counter(), step
     try:

@@ -172,6 +172,12 @@ class RunConfig:
     # that schedule's value at the resumed step: a warm restart); refused unless set
     reschedule: bool = False
     trackers: list[Literal["jsonl", "tensorboard"]] = field(default_factory=lambda: ["jsonl"])
+    # FSDP (mar.engine.fsdp): shard parameters, gradients and optimizer state over the processes (task=mar);
+    # full_shard frees each block's gathered weights after its forward, shard_grad_op keeps them until the
+    # backward (faster, more memory); cpu_offload keeps the shards in CPU memory between uses (CUDA only)
+    fsdp: bool = False
+    fsdp_sharding: Literal["full_shard", "shard_grad_op"] = "full_shard"
+    fsdp_cpu_offload: bool = False
 
     def __post_init__(self) -> None:
         for name in ("save_every_steps", "sample_every_steps", "log_every_steps"):
@@ -180,6 +186,14 @@ class RunConfig:
                f"max_steps must be >= 1, or null to train for optim.epochs, got {self.max_steps}")
         _check(self.stop_at_step is None or self.stop_at_step >= 1,
                f"stop_at_step must be >= 1, or null to train to the end, got {self.stop_at_step}")
+        _check(self.fsdp_sharding in ("full_shard", "shard_grad_op"),
+               f"fsdp_sharding must be 'full_shard' or 'shard_grad_op' (hybrid sharding is not supported), "
+               f"got {self.fsdp_sharding!r}")
+        _check(self.fsdp or (self.fsdp_sharding == "full_shard" and not self.fsdp_cpu_offload),
+               "fsdp_sharding and fsdp_cpu_offload are for sharded training: set train.fsdp=true, or drop them")
+        _check(not (self.fsdp and self.mixed_precision == "fp16"),
+               "fsdp does not support mixed_precision fp16 (its loss scaler would see each shard's overflow on one "
+               "process only): use train.mixed_precision=bf16 (auto picks it on CUDA), or train.fsdp=false")
 
 
 FEATURE_CACHES = ("off", "cfg", "tokens", "both")

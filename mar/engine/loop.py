@@ -10,7 +10,9 @@ Slot j of step s draws everything from ``slot_seed(seed, s, j)`` and its data fr
 
 The accelerator is passed in (duck-typed: ``prepare``, ``backward``, ``reduce``, ``gather``, ``autocast``,
 ``no_sync``, ``clip_grad_norm_``, ``unwrap_model``, ``wait_for_everyone``, ``log``): this module does not
-import accelerate, read a config file or see an argparse object.
+import accelerate, read a config file or see an argparse object. With ``train.fsdp`` the model, its optimizer
+state and its EMA are sharded over the processes (``mar.engine.fsdp.Sharding``, ``fs`` below; None = the plain
+path); checkpoints stay plain full state dicts either way.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from mar.config.loader import config_to_dict
 from mar.config.schema import TrainConfig, effective_lr
 from mar.engine.checkpoint import CheckpointError, checkpoint_path, find_latest_checkpoint, load_checkpoint, save_checkpoint
 from mar.engine.data import slot_seed, train_batches
+from mar.engine.fsdp import sharding_for
 from mar.io import write_text
 
 
@@ -165,6 +168,7 @@ def fit(task, cfg: TrainConfig, accelerator, run_dir: Path, dataset, ckpt: Path 
     max_steps = t.max_steps if t.max_steps is not None else o.epochs * steps_per_epoch
     total_epochs = max_steps / steps_per_epoch  # the schedule ends where the run ends
     base_lr = effective_lr(o, global_batch)
+    fs = sharding_for(t, task.name, accelerator)
     model = task.build(device)
     ema = copy.deepcopy(task.ema_source(model)).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(task.param_groups(model, base_lr), lr=base_lr, betas=tuple(o.betas))
@@ -180,10 +184,15 @@ def fit(task, cfg: TrainConfig, accelerator, run_dir: Path, dataset, ckpt: Path 
         check_schedule(ckpt, state, max_steps, t.reschedule)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
+        if fs is None:  # under FSDP it loads into the shards, below
+            optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
         accelerator.print(f"resumed from {ckpt} at step {step}")
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if fs is None:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model, optimizer = fs.prepare(model, optimizer, ema, task.ema_source,
+                                      None if state is None else state["optimizer"])
     if accelerator.scaler is not None and state is not None and state.get("scaler"):
         accelerator.scaler.load_state_dict(state["scaler"])
     unwrapped = accelerator.unwrap_model(model)
@@ -193,10 +202,15 @@ def fit(task, cfg: TrainConfig, accelerator, run_dir: Path, dataset, ckpt: Path 
 
     def save(at_step: int) -> None:
         accelerator.wait_for_everyone()
+        if fs is not None:  # collectives: every process takes part, the main process receives the full states
+            sharded = fs.full_states(unwrapped, optimizer, ema, task.ema_source(unwrapped))
         if accelerator.is_main_process:
+            model_sd, ema_sd, optimizer_sd = sharded if fs is not None else \
+                (unwrapped.state_dict(), ema.state_dict(), optimizer.state_dict())
             save_checkpoint({"task": task.name, "step": at_step, "config": config_to_dict(cfg),
-                             "identity": task.identity(config_to_dict(cfg)), "model": unwrapped.state_dict(),
-                             "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                             "identity": task.identity(config_to_dict(cfg)), "model": model_sd,
+                             "ema": ema_sd, "optimizer": optimizer_sd,
+                             **({"fsdp": fs.describe()} if fs is not None else {}),
                              "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                              "schedule": {"total_steps": max_steps, "steps_per_epoch": steps_per_epoch},
                              "rng": {"scheme": "per-slot seeds from (train.seed, step, slot)", "seed": t.seed},
@@ -210,6 +224,7 @@ def fit(task, cfg: TrainConfig, accelerator, run_dir: Path, dataset, ckpt: Path 
                          pin_memory=torch.device(device).type == "cuda")
     bar = tqdm(total=max_steps, initial=step, disable=not accelerator.is_local_main_process, desc=f"train {task.name}")
     t_last, n_last = time.perf_counter(), step
+    no_sync = accelerator.no_sync if fs is None else fs.no_sync
     try:
         while step < max_steps:
             lr = lr_at(step / steps_per_epoch, base_lr, o.warmup_epochs, total_epochs, o.lr_schedule, o.min_lr)
@@ -222,7 +237,7 @@ def fit(task, cfg: TrainConfig, accelerator, run_dir: Path, dataset, ckpt: Path 
                 seed = slot_seed(t.seed, step, rank * o.grad_accum + a)
                 torch.manual_seed(seed)  # dropout (nn.Dropout takes no generator)
                 g = torch.Generator(device).manual_seed(seed)
-                with accelerator.no_sync(model) if a < o.grad_accum - 1 else contextlib.nullcontext():
+                with no_sync(model) if a < o.grad_accum - 1 else contextlib.nullcontext():
                     with accelerator.autocast():
                         loss, logs = task.loss(model, batch, step, g)
                     accelerator.backward(loss / o.grad_accum)
@@ -239,7 +254,10 @@ def fit(task, cfg: TrainConfig, accelerator, run_dir: Path, dataset, ckpt: Path 
                 accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            ema_update(ema, task.ema_source(unwrapped), ema_decay(o.ema_rate, step, o.ema_warmup))
+            if fs is None:
+                ema_update(ema, task.ema_source(unwrapped), ema_decay(o.ema_rate, step, o.ema_warmup))
+            else:
+                fs.ema_update(task.ema_source(unwrapped), ema_decay(o.ema_rate, step, o.ema_warmup))
             step += 1
             bar.update(1)
             if step % t.log_every_steps == 0 or step == max_steps:
@@ -253,6 +271,8 @@ def fit(task, cfg: TrainConfig, accelerator, run_dir: Path, dataset, ckpt: Path 
             if step % t.save_every_steps == 0 or step == max_steps or float(flags[1]) > 0:
                 save(step)
             if step % t.sample_every_steps == 0 or step == max_steps:
+                if fs is not None:  # collective: the main process's EMA module, current
+                    fs.gather_ema(task.ema_source(unwrapped), ema)
                 if accelerator.is_main_process:
                     task.sample_grid(ema, step, run_dir / "samples" / f"step-{step:08d}.png")
             if float(flags[1]) > 0:
@@ -268,7 +288,11 @@ def fit(task, cfg: TrainConfig, accelerator, run_dir: Path, dataset, ckpt: Path 
         bar.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
-    check_in_sync(accelerator, unwrapped)
+    if fs is None:
+        check_in_sync(accelerator, unwrapped)
+    else:
+        fs.check_in_sync(unwrapped)
+        fs.gather_ema(task.ema_source(unwrapped), ema)
     if accelerator.is_main_process:
         print(f"wrote {task.export(ema, unwrapped, dataset, run_dir, device)}")
     accelerator.wait_for_everyone()  # every rank leaves together, after the main process's export

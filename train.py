@@ -103,9 +103,14 @@ def train(cfg: TrainConfig, resume: Path | None = None, fresh: bool = False) -> 
     if tensorboard and not (importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")):
         raise ConfigError("train.trackers has tensorboard but the tensorboard package is not installed: "
                           "pip install tensorboard, or use train.trackers=[jsonl]")
-    from mar.engine.fsdp import fsdp_plugin  # train.fsdp on CUDA: accelerate shards (else mar.engine.fsdp does)
+    from mar.engine.fsdp import fsdp_plugin_kwargs  # train.fsdp on CUDA: accelerate shards (else mar.engine.fsdp)
+    plugin = fsdp_plugin_kwargs(cfg.train, cuda=not cpu)
+    if plugin is not None:
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin(**plugin)
     accelerator = Accelerator(cpu=cpu, mixed_precision=precision, log_with=["tensorboard"] if tensorboard else None,
-                              project_dir=str(run_dir), fsdp_plugin=fsdp_plugin(cfg.train, cuda=not cpu))
+                              project_dir=str(run_dir), fsdp_plugin=plugin)
     check_launch(accelerator.num_processes)
     task = TASKS[cfg.task](cfg)
     dataset = task.dataset()

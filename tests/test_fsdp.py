@@ -9,7 +9,7 @@ plugin applies (its policy, on CPU without a process group), and gradient checkp
 Not testable on CPU: accelerate's own FSDP path (accelerate applies the plugin only to GPU-like distributed types:
 ``Accelerator(fsdp_plugin=...)`` + ``prepare`` on CUDA, nccl), ``train.fsdp_cpu_offload`` (FSDP2's offload
 pins memory: CUDA only; refused on CPU), bf16 mixed precision under FSDP on CUDA (autocast over fp32 shards, the
-policy ``fsdp_plugin`` passes), shard_grad_op timings and memory. On a GPU node, check them with
+policy train.py's plugin passes), shard_grad_op timings and memory. On a GPU node, check them with
 
     accelerate launch --multi_gpu --num_processes 8 train.py --config configs/mar_huge_in256.yaml \\
         --data.path=/data/imagenet/train --tokenizer.checkpoint=pretrained/kl16.ckpt --train.fsdp=true \\
@@ -31,7 +31,7 @@ from test_train import final_state, free_port, losses, run_train
 
 from mar.config import ConfigError, RunConfig, TrainConfig, load_config
 from mar.engine.checkpoint import CheckpointError
-from mar.engine.fsdp import Sharding, blocks_to_wrap, fsdp_plugin, sharding_for, wrap_class_names
+from mar.engine.fsdp import Sharding, blocks_to_wrap, fsdp_plugin_kwargs, sharding_for, wrap_class_names
 from mar.engine.loop import param_groups
 from mar.registry import create_model
 
@@ -189,9 +189,12 @@ def test_wrap_rule_and_accelerate_plugin():
     assert wrap_class_names(var) == ["AdaLNSelfAttn"] and len(blocks_to_wrap(var)) == 2
     model = tiny_mar()
     assert wrap_class_names(model) == ["Block"] and len(blocks_to_wrap(model)) == 2 + 2  # encoder + decoder
-    assert fsdp_plugin(RunConfig(fsdp=True), cuda=False) is None  # CPU: shard_model instead
+    assert fsdp_plugin_kwargs(RunConfig(fsdp=True), cuda=False) is None  # CPU: shard_model instead
     with mock.patch.dict(os.environ):  # the plugin reads (and sets) FSDP_* variables
-        plugin = fsdp_plugin(RunConfig(fsdp=True, fsdp_sharding="shard_grad_op"), cuda=True)
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin(**fsdp_plugin_kwargs(RunConfig(fsdp=True, fsdp_sharding="shard_grad_op"),
+                                                                     cuda=True))  # as train.py builds it
         assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is False
         mp = plugin.mixed_precision_policy  # no casts: fp32 shards and reductions, bf16 compute from autocast
         assert (mp.param_dtype, mp.reduce_dtype, mp.output_dtype) == (None, None, None)

@@ -11,7 +11,7 @@ full_shard frees a block's gathered weights after its forward (reshard_after_for
 keeps them to the backward (False: one all-gather less per block, more memory). ``fsdp_cpu_offload`` keeps the
 shards (and the AdamW step) in CPU memory (CUDA only).
 
-Who shards: on CUDA, accelerate (train.py passes ``fsdp_plugin``, built from the same rule); accelerate applies FSDP
+Who shards: on CUDA, accelerate (train.py passes its FSDP plugin, built from ``fsdp_plugin_kwargs``: the same rule); accelerate applies FSDP
 only to GPU-like distributed types, so where it did not (``accelerator.distributed_type != "FSDP"``: CPU / gloo)
 ``shard_model`` applies the rule with ``fully_shard`` itself and only the optimizer goes through
 ``accelerator.prepare`` -- the model must not be wrapped in DDP on top (DDP would all-reduce the sharded gradients
@@ -71,19 +71,17 @@ def wrap_class_names(model: nn.Module) -> list[str]:
     return sorted({type(m).__name__ for m in blocks_to_wrap(model)})
 
 
-def fsdp_plugin(run_cfg, cuda: bool):
-    """accelerate's FullyShardedDataParallelPlugin for ``train.fsdp`` on CUDA (None otherwise: no FSDP, or the CPU
-    fallback ``shard_model``). The class names are narrowed to the model's at ``Sharding.prepare``."""
+def fsdp_plugin_kwargs(run_cfg, cuda: bool) -> dict | None:
+    """The keyword arguments of accelerate's FullyShardedDataParallelPlugin for ``train.fsdp`` on CUDA (None
+    otherwise: no FSDP, or the CPU fallback ``shard_model``); train.py builds the plugin (this package does not
+    import accelerate). The class names are narrowed to the model's at ``Sharding.prepare``."""
     if not (run_cfg.fsdp and cuda):
         return None
-    from accelerate.utils import FullyShardedDataParallelPlugin
-
-    return FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=[c.__name__ for c in wrap_classes()],
-        reshard_after_forward=run_cfg.fsdp_sharding == "full_shard", cpu_offload=run_cfg.fsdp_cpu_offload,
-        mixed_precision_policy=MixedPrecisionPolicy(), state_dict_type="FULL_STATE_DICT",
-        cpu_ram_efficient_loading=False, activation_checkpointing=False)
+    return dict(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                transformer_cls_names_to_wrap=[c.__name__ for c in wrap_classes()],
+                reshard_after_forward=run_cfg.fsdp_sharding == "full_shard", cpu_offload=run_cfg.fsdp_cpu_offload,
+                mixed_precision_policy=MixedPrecisionPolicy(), state_dict_type="FULL_STATE_DICT",
+                cpu_ram_efficient_loading=False, activation_checkpointing=False)
 
 
 def applied_by_accelerator(accelerator) -> bool:

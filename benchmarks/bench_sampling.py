@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from common import build, machine_line, parse_variant, split_num_iter, sync, timed
+from common import build, machine_line, parse_variant, split_cfg, split_num_iter, sync, timed
 
 
 class HeadTimer:
@@ -64,6 +64,7 @@ def time_generation(model, batch: int, num_iter: int, cfg: float, variant: dict,
     take ``warmup_num_iter`` MAR steps (None: the measured count; a GPU needs only a short run to load kernels)."""
     labels = torch.arange(batch, device=device) % model.num_classes
     variant, num_iter = split_num_iter(variant, num_iter)
+    variant, cfg = split_cfg(variant, cfg)
     totals, heads = [], []
     for r in range(warmup + repeats):
         steps = num_iter if r >= warmup or warmup_num_iter is None else min(warmup_num_iter, num_iter)

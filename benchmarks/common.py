@@ -94,6 +94,7 @@ def parse_variant(spec: str) -> dict:
       shape=linear|cosine (of the annealing)   precision=fp32|bf16|fp16 (autocast)
       cache=off|cfg|tokens|both (feature cache across MAR steps)   refresh=R (its full-forward interval)
       distilled=S (the distilled head in S steps)   iters=K (MAR steps instead of the run's / the sweep's)
+      cfg=W (the guidance scale instead of the script's --cfg: a fast mode at its own best guidance)
     e.g. "sampler=ddim,anneal=50-10,precision=bf16", "sampler=ddim,steps=10,cache=both,refresh=3".
     """
     spec = spec.strip()
@@ -128,9 +129,11 @@ def parse_variant(spec: str) -> dict:
             kwargs["distilled_steps"] = int(value)
         elif key == "iters":
             kwargs["num_iter"] = int(value)
+        elif key == "cfg":
+            kwargs["cfg"] = float(value)
         else:
             raise ValueError(f"unknown variant key {key!r} in {spec!r}: "
-                             "use sampler, eta, steps, anneal, shape, precision, cache, refresh, distilled, iters")
+                             "use sampler, eta, steps, anneal, shape, precision, cache, refresh, distilled, iters, cfg")
     return kwargs
 
 
@@ -138,6 +141,12 @@ def split_num_iter(variant: dict, num_iter: int) -> tuple[dict, int]:
     """(the variant's sampler keywords, its MAR steps): an ``iters=K`` item overrides ``num_iter``."""
     variant = dict(variant)
     return variant, variant.pop("num_iter", num_iter)
+
+
+def split_cfg(variant: dict, cfg: float) -> tuple[dict, float]:
+    """(the variant's sampler keywords, its guidance scale): a ``cfg=W`` item overrides ``cfg``."""
+    variant = dict(variant)
+    return variant, variant.pop("cfg", cfg)
 
 
 def diffusion_steps_per_iter(model, variant: dict, num_iter: int) -> list[int]:

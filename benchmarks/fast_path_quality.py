@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine_line, parse_variant, split_num_iter
+from common import machine_line, parse_variant, split_cfg, split_num_iter
 from mar.cli import parse_clip_denoised
 from mar.engine.data import item_seed
 from mar.eval.metrics import score_folder
@@ -43,6 +43,7 @@ def generate(model, tok, variant: dict, out: Path, num_images: int, batch: int, 
     """Write the variant's images; returns seconds spent sampling tokens and decoding."""
     out.mkdir(parents=True, exist_ok=True)
     variant, num_iter = split_num_iter(variant, num_iter)
+    variant, cfg = split_cfg(variant, cfg)
     sample_s = decode_s = 0.0
     grid = []
     for start in range(0, num_images, batch):

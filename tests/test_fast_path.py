@@ -331,6 +331,31 @@ def test_fast_path_quality_script_end_to_end(tmp_path, monkeypatch, capsys):
     assert results[variants[0]]["fd_fmnist"] != results[variants[1]]["fd_fmnist"]  # different images
     assert "speed-up" in capsys.readouterr().out
 
+    # a variant's own guidance scale (cfg=W) overrides --cfg: the same images as the exact path run at --cfg W
+    args = ["--weights", str(tmp_path / "mar.safetensors"), "--classifier", str(tmp_path / "clf.safetensors"),
+            "--fmnist-root", str(fixture), "--num-images", "4", "--batch", "4", "--num-iter", "4", "--metrics", "fid"]
+    fast_path_quality.main([*args, "--cfg", "3.0", "--variant", "exact", "cfg=1.0", "--out", str(tmp_path / "a")])
+    fast_path_quality.main([*args, "--cfg", "1.0", "--variant", "exact", "--out", str(tmp_path / "b")])
+    read = lambda d: [p.read_bytes() for p in sorted(d.iterdir())]  # noqa: E731
+    assert read(tmp_path / "a" / "cfg_1.0") == read(tmp_path / "b" / "exact")
+    assert read(tmp_path / "a" / "exact") != read(tmp_path / "b" / "exact")  # guidance changes the images
+
+
+def test_variant_grammar():
+    """benchmarks/common.parse_variant: every key maps to its sample_tokens keyword; cfg and iters are split off."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import parse_variant, split_cfg, split_num_iter
+
+    v = parse_variant("sampler=ddim,steps=8,cache=both,refresh=4,iters=8,cfg=3.5")
+    assert v == {"sampler": "ddim", "diffusion_steps_schedule": (8, 8), "feature_cache": "both", "cache_refresh": 4,
+                 "num_iter": 8, "cfg": 3.5}
+    rest, num_iter = split_num_iter(v, 16)
+    rest, cfg = split_cfg(rest, 4.0)
+    assert (num_iter, cfg) == (8, 3.5) and "num_iter" not in rest and "cfg" not in rest and "cfg" in v
+    assert split_cfg(parse_variant("exact"), 4.0) == ({}, 4.0)
+    with pytest.raises(ValueError, match="unknown variant key 'cgf'"):
+        parse_variant("cgf=3")
+
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--write-golden"]:

@@ -12,6 +12,9 @@ depend on the values. Every variant (see ``common.parse_variant``) is timed on t
         --variant exact "sampler=ddim,steps=25" "sampler=ddim,anneal=50-10,precision=bf16"
     # torch.compile of the blocks and the head MLP (its cold compile time is printed)
     OMP_NUM_THREADS=1 python benchmarks/bench_sampling.py --setting fmnist --batch 16 --compile
+    # on a GPU: the head as CUDA graphs over static row counts (the fast mode with its rows padded to 1024)
+    python benchmarks/bench_sampling.py --setting mar_base_256 --batch 64 --num-iter 64 --cfg 3.0 --compile \
+        --compile-head-mode reduce-overhead --variant "sampler=ddim,steps=10,cache=both,refresh=3,precision=bf16,bucket=1024"
 
 For the 256 px models on a CPU, full generations take minutes per image: use sampling_cost_model.py,
 which measures the components and extrapolates over the schedule.
@@ -97,6 +100,9 @@ def main(argv=None) -> None:
     p.add_argument("--warmup-num-iter", type=int, help="MAR steps of the warm-up runs (default: the measured count)")
     p.add_argument("--compile-mode", default=None, help="with --compile: torch.compile's mode (e.g. reduce-overhead "
                                                         "for CUDA graphs on a GPU; default: torch's)")
+    p.add_argument("--compile-head-mode", default=None,
+                   help="with --compile: compile the head's MLP with this mode and static shapes (dynamic=False), "
+                        "e.g. reduce-overhead (CUDA graphs, one per row count): use with a bucket=R variant")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -113,7 +119,8 @@ def main(argv=None) -> None:
         run = lambda: model.sample_tokens(a.batch[0], num_iter=a.num_iter[0], cfg=a.cfg[-1], labels=labels,  # noqa
                                           generator=torch.Generator(device).manual_seed(0), **variant)
         eager = timed(run, device, repeats=1)
-        compile_for_sampling(model, **({"mode": a.compile_mode} if a.compile_mode else {}))
+        head_kwargs = None if a.compile_head_mode is None else {"mode": a.compile_head_mode, "dynamic": False}
+        compile_for_sampling(model, head_kwargs=head_kwargs, **({"mode": a.compile_mode} if a.compile_mode else {}))
         t0 = time.perf_counter()
         run()
         first = time.perf_counter() - t0

@@ -95,6 +95,7 @@ def parse_variant(spec: str) -> dict:
       cache=off|cfg|tokens|both (feature cache across MAR steps)   refresh=R (its full-forward interval)
       distilled=S (the distilled head in S steps)   iters=K (MAR steps instead of the run's / the sweep's)
       cfg=W (the guidance scale instead of the script's --cfg: a fast mode at its own best guidance)
+      bucket=R (the head's rows padded to a multiple of R: static shapes for CUDA graphs)
     e.g. "sampler=ddim,anneal=50-10,precision=bf16", "sampler=ddim,steps=10,cache=both,refresh=3".
     """
     spec = spec.strip()
@@ -131,9 +132,11 @@ def parse_variant(spec: str) -> dict:
             kwargs["num_iter"] = int(value)
         elif key == "cfg":
             kwargs["cfg"] = float(value)
+        elif key == "bucket":
+            kwargs["row_bucket"] = int(value)
         else:
             raise ValueError(f"unknown variant key {key!r} in {spec!r}: "
-                             "use sampler, eta, steps, anneal, shape, precision, cache, refresh, distilled, iters, cfg")
+                             "use sampler, eta, steps, anneal, shape, precision, cache, refresh, distilled, iters, cfg, bucket")
     return kwargs
 
 

@@ -7,6 +7,8 @@
 #   1. sampling images/s of MAR-B 256 px, 64 MAR steps, CFG 3.0 (one batched forward for cond + uncond), exact
 #      (the reference: 100 ancestral steps, fp32) and the fast mode, at batch 64 and 256, with peak memory;
 #   2. training images/s of MAR-B in bf16 (and bf16 + gradient checkpointing) and the peak memory;
+#   1b. (CUDA only) the fast mode with the head's rows padded to a multiple of 1024 (bucket=1024) and the head
+#      compiled as CUDA graphs (torch.compile mode reduce-overhead, static shapes), batch 64;
 #   3. the largest sampling batch that fits (fast mode), found by doubling then bisection on OutOfMemoryError.
 # Settings (environment): GPU_CHECK_SETTING (mar_base_256), GPU_CHECK_BATCHES ("64 256"), GPU_CHECK_NUM_ITER (64),
 # GPU_CHECK_FAST (the fast mode's variant, benchmarks/common.parse_variant), GPU_CHECK_TRAIN_BATCH (64),
@@ -30,6 +32,16 @@ echo "== 1. sampling (exact and fast; s/image, images/s, peak memory)"
 # shellcheck disable=SC2086
 "$PY" bench_sampling.py --setting "$SETTING" --device "$DEVICE" --batch $BATCHES --num-iter "$NUM_ITER" --cfg 3.0 \
     --warmup 1 --warmup-num-iter 2 --variant exact "$FAST"
+
+echo "== 1b. the fast mode with static head shapes: rows padded to a multiple of 1024, the head as CUDA graphs"
+if [ "$DEVICE" = cuda ]; then
+    # its own process, so a failure here (untested on a GPU so far) leaves the other sections' figures standing
+    "$PY" bench_sampling.py --setting "$SETTING" --device "$DEVICE" --batch 64 --num-iter "$NUM_ITER" --cfg 3.0 \
+        --warmup 1 --warmup-num-iter 2 --compile --compile-head-mode reduce-overhead --variant "$FAST,bucket=1024" \
+        || echo "1b failed (rc $?): see the error above; sections 1, 2 and 3 do not depend on it"
+else
+    echo "skipped: needs CUDA (CUDA graphs)"
+fi
 
 echo "== 2. training (bf16; images/s and peak memory)"
 "$PY" bench_training.py --setting "$SETTING" --device "$DEVICE" --batch "$TRAIN_BATCH" --steps 3 --precision bf16 \

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from .diffusion import GaussianDiffusion, check_generator, cosine_diffusion
-from .loss import NUM_TRAIN_TIMESTEPS, per_sample_noise
+from .loss import NUM_TRAIN_TIMESTEPS, check_row_bucket, pad_rows, padded_rows, per_sample_noise
 from .mlp import SimpleMLPAdaLN, timestep_embedding
 
 GUIDANCE_DIM, NEXT_TIME_DIM = 32, 64  # widths of the w and t_next sinusoids fed with the conditions
@@ -199,14 +199,17 @@ class DistilledHead(nn.Module):
     # ------------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def sample(self, z: Tensor, temperature: float = 1.0, cfg: float = 1.0, generator=None,
-               num_steps: int | None = None) -> Tensor:
+               num_steps: int | None = None, row_bucket: int | None = None) -> Tensor:
         """Tokens (N, C) in ``num_steps`` student steps (None: the fewest trained).
 
         cfg == 1: z (N, D), no guidance (the student sees u = c, w = 1). cfg != 1: z = [cond; uncond] (2N, D),
         N rows are returned. x_T ~ N(0, I) (N, C) is the only draw, made with ``generator`` on z.device in
         z.dtype, and scaled by ``temperature``; ``generator`` may be a list of B per-sample generators, each
         drawing its N / B rows (``per_sample_noise``: a sample's tokens do not depend on its batch).
+        ``row_bucket`` R: the student runs on rows padded with zeros to a multiple of R after the draw (static
+        shapes for CUDA graphs; see ``DiffLoss.sample``).
         """
+        check_row_bucket(row_bucket)
         steps = self.steps[0] if num_steps is None else num_steps
         bounds = self.boundaries(steps)
         if z.dim() != 2 or z.shape[1] != self.z_channels:
@@ -229,13 +232,14 @@ class DistilledHead(nn.Module):
         else:
             check_generator(generator, z.device)
             x = torch.randn((n, self.token_channels), generator=generator, device=z.device, dtype=z.dtype)
-        x = x * temperature
-        wt = torch.full((n,), w, device=z.device, dtype=z.dtype)
+        rows = padded_rows(n, row_bucket)
+        x = pad_rows(x * temperature, rows)
+        wt = torch.full((rows,), w, device=z.device, dtype=z.dtype)
         dtype = next(self.parameters()).dtype
-        c, u = c.to(dtype), u.to(dtype)
+        c, u = pad_rows(c.to(dtype), rows), pad_rows(u.to(dtype), rows)
         for b, b_next in zip(bounds[:-1], bounds[1:]):
             x = self.step(x, self.predict(x.to(dtype), b, b_next, c, u, wt).to(x.dtype), b, b_next)
-        return x
+        return x[:n]
 
     # ------------------------------------------------------------------------------- the distillation loss
     def distillation_loss(self, teacher: nn.Module, c: Tensor, u: Tensor, w: Tensor, x_T: Tensor,

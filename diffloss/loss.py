@@ -103,7 +103,7 @@ class DiffLoss(nn.Module):
                generator: torch.Generator | None = None,
                noise: tuple[Tensor, Tensor | None] | None = None, *, sampler: str = "ddpm", eta: float = 0.0,
                num_steps: int | None = None, autocast_dtype: torch.dtype | None = None,
-               clip_denoised: float | None = None) -> Tensor:
+               clip_denoised: float | None = None, row_bucket: int | None = None) -> Tensor:
         """Sample tokens (N, C) by ancestral sampling over `num_sampling_steps` (K).
 
         cfg == 1: z (N, D), x_T ~ N(0, I) (N, C). cfg != 1: z = [cond; uncond] (2N, D); x_T is drawn for
@@ -120,8 +120,13 @@ class DiffLoss(nn.Module):
 
         Guard (opt-in, either sampler): `clip_denoised` r clamps the predicted x0 to [-r, r] at every step
         (see `GaussianDiffusion.p_mean_variance`); None, the default, is the reference sampler.
+
+        Static shapes (opt-in): `row_bucket` R runs the net on the rows padded with zeros up to a multiple of R
+        (`row_padded`), so that over a whole generation the net sees only a few row counts, each captured once
+        by CUDA graphs (`torch.compile(mode="reduce-overhead")`, `mar.model.compile_for_sampling`). The noise
+        and the diffusion arithmetic keep the real rows: the draws are the same, the tokens equal to rounding.
         """
-        check_sampling_options(sampler, eta, autocast_dtype, clip_denoised)
+        check_sampling_options(sampler, eta, autocast_dtype, clip_denoised, row_bucket)
         diffusion = self.sampling_diffusion(num_steps)
         if z.dim() != 2:
             raise ValueError(f"z must be (N, D), got {tuple(z.shape)}")
@@ -147,6 +152,8 @@ class DiffLoss(nn.Module):
             x_T = torch.cat([x_T, x_T], dim=0)  # (2N, C): both halves start from the same noise
         with autocast_region(self, z.device.type, autocast_dtype):  # weights are cast once, not at every step
             c = self.net.cond_embed(z)  # (N or 2N, W): the condition's embedding, the same at every step
+            if row_bucket is not None:
+                net = row_padded(net, c, row_bucket)
             if guided:
                 def net_fn(x: Tensor, t: Tensor) -> Tensor:
                     return guided_model_output(net, x, t, c, float(cfg))
@@ -184,8 +191,9 @@ def per_sample_noise(generators, n: int, channels: int, steps: int, guided: bool
 
 
 def check_sampling_options(sampler: str = "ddpm", eta: float = 0.0, autocast_dtype: torch.dtype | None = None,
-                           clip_denoised: float | None = None) -> None:
+                           clip_denoised: float | None = None, row_bucket: int | None = None) -> None:
     """One clear error for a bad fast-path or guard option."""
+    check_row_bucket(row_bucket)
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
     if sampler == "ddpm" and eta != 0.0:
@@ -223,6 +231,35 @@ def autocast_region(module: nn.Module, device_type: str, dtype: torch.dtype | No
     finally:
         for p in frozen:
             p.requires_grad_(False)
+
+
+def check_row_bucket(row_bucket: int | None) -> None:
+    if row_bucket is not None and (isinstance(row_bucket, bool) or not isinstance(row_bucket, int) or row_bucket < 1):
+        raise ValueError(f"row_bucket must be None / null (the rows as they come) or an int >= 1 (the head's rows "
+                         f"are padded up to a multiple of it, for CUDA graphs), got {row_bucket!r}")
+
+
+def padded_rows(n: int, row_bucket: int | None) -> int:
+    """n rounded up to a multiple of row_bucket (n itself when None)."""
+    return n if row_bucket is None else -(-n // row_bucket) * row_bucket
+
+
+def pad_rows(x: Tensor, rows: int) -> Tensor:
+    """x (n, ...) with rows - n zero rows appended (x itself when rows == n)."""
+    return x if rows == len(x) else torch.cat([x, x.new_zeros((rows - len(x), *x.shape[1:]))])
+
+
+def row_padded(net, c: Tensor, row_bucket: int):
+    """net(x, t, c) that runs over `c`'s rows padded with zeros to a multiple of `row_bucket` and returns the
+    real rows: every call of a sampling loop then has the same (static) shape. Each row of the AdaLN MLP is
+    computed from that row alone, so the padding changes nothing but the matrix products' blocking."""
+    rows = padded_rows(len(c), row_bucket)
+    c_pad = pad_rows(c, rows)
+
+    def fn(x: Tensor, t: Tensor, c_: Tensor) -> Tensor:
+        n = len(x)
+        return net(pad_rows(x, rows), pad_rows(t, rows), c_pad)[:n]
+    return fn
 
 
 def _embedded(net: nn.Module):

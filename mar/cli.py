@@ -15,7 +15,8 @@ from mar.registry import PRESETS
 from mar.run import Run, load_run
 
 OPTION_FLAGS = ("sampler", "eta", "diffusion_steps", "diffusion_steps_shape", "precision", "clip_denoised", "top_k",
-                "top_p", "choice_temperature", "more_smooth", "feature_cache", "cache_refresh", "distilled_steps")
+                "top_p", "choice_temperature", "more_smooth", "feature_cache", "cache_refresh", "distilled_steps",
+                "row_bucket")
 
 
 def parse_clip_denoised(text: str) -> float:
@@ -93,6 +94,9 @@ def add_option_args(fast, lists: bool = False) -> None:
     fast.add_argument("--distilled-steps", type=int, metavar="S",
                       help="sample with the distilled head (--distilled-head FILE, or the run's head_distilled"
                            ".safetensors) in S steps (1-8) instead of the Diffusion Loss sampler")
+    fast.add_argument("--row-bucket", type=int, metavar="R",
+                      help="static shapes for CUDA graphs: the head runs on its rows padded to a multiple of R "
+                           "(same draws, tokens equal to rounding; default: the rows as they come)")
 
 
 def run_from_args(args: argparse.Namespace, default=None) -> Run:
@@ -114,7 +118,7 @@ def options_from_args(args: argparse.Namespace, defaults: SampleConfig, swept: t
              "top_k": args.top_k, "top_p": args.top_p, "choice_temperature": args.choice_temperature,
              "more_smooth": getattr(args, "more_smooth", None),
              "feature_cache": getattr(args, "feature_cache", None), "cache_refresh": getattr(args, "cache_refresh", None),
-             "distilled_steps": getattr(args, "distilled_steps", None)}
+             "distilled_steps": getattr(args, "distilled_steps", None), "row_bucket": getattr(args, "row_bucket", None)}
     values = {k: getattr(defaults, k) if v is None or k in swept else v for k, v in given.items()}
     if values["clip_denoised"] == "off":
         values["clip_denoised"] = None

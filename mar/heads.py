@@ -107,12 +107,13 @@ class DiffusionHead(DiffLoss):
                 raise ValueError(NO_DISTILLED_HEAD)
             if noise is not None:
                 raise ValueError("the distilled head draws only x_T from the generator: pass no noise")
-            return self.distilled_head.sample(z, temperature, cfg, generator, num_steps=options.distilled_steps)
+            return self.distilled_head.sample(z, temperature, cfg, generator, num_steps=options.distilled_steps,
+                                              row_bucket=options.row_bucket)
         if options is not None:
             if sampler_options:
                 raise ValueError(f"pass the sampler settings either in options or as {sorted(sampler_options)}")
             sampler_options = dict(sampler=options.sampler, eta=options.eta, autocast_dtype=options.autocast_dtype,
-                                   clip_denoised=options.clip_denoised)
+                                   clip_denoised=options.clip_denoised, row_bucket=options.row_bucket)
         return super().sample(z, temperature, cfg, generator, noise, num_steps=num_steps, **sampler_options)
 
     def attach_distilled(self, head: DistilledHead | None, source: str = "the distilled head") -> None:

@@ -287,6 +287,7 @@ class MAR(TokenGenerator):
         feature_cache: str = "off",
         cache_refresh: int = 2,
         distilled_steps: int | None = None,
+        row_bucket: int | None = None,
     ) -> torch.Tensor:
         """Generate (B, c, h, w) tokens: ``mar.generate.masked`` with this model, unpatchified.
 
@@ -299,12 +300,13 @@ class MAR(TokenGenerator):
         ``sampler="ddim"`` with ``eta``, ``diffusion_steps_schedule=(first, last)`` annealed over the iterations
         (``diffusion_steps_shape``), ``autocast_dtype`` bf16 / fp16, the guard ``clip_denoised`` r, the feature
         cache across steps (``feature_cache`` cfg / tokens / both, a full forward every ``cache_refresh`` steps;
-        ``mar.feature_cache``) and the distilled head in ``distilled_steps`` steps.
+        ``mar.feature_cache``), the distilled head in ``distilled_steps`` steps, and ``row_bucket`` (the head's rows
+        padded to a multiple of it: static shapes for CUDA graphs).
         """
         keywords = dict(sampler=sampler, eta=eta, diffusion_steps_schedule=diffusion_steps_schedule,
                         diffusion_steps_shape=diffusion_steps_shape, precision=precision_of(autocast_dtype),
                         clip_denoised=clip_denoised, feature_cache=feature_cache, cache_refresh=cache_refresh,
-                        distilled_steps=distilled_steps)
+                        distilled_steps=distilled_steps, row_bucket=row_bucket)
         if options is None:
             options = SamplingOptions(**keywords)
         elif SamplingOptions(**keywords) != SamplingOptions():
@@ -349,7 +351,7 @@ class MaskGIT(MAR):
         return maskgit(self, batch_size, **kwargs)
 
 
-def compile_for_sampling(model: MAR, **compile_kwargs) -> MAR:
+def compile_for_sampling(model: MAR, head_kwargs: dict | None = None, **compile_kwargs) -> MAR:
     """Opt-in speed-up: ``torch.compile`` every transformer block and the head's MLP, in place.
 
     Uses ``nn.Module.compile``, so parameter names and ``state_dict`` keys do not change. The first
@@ -357,9 +359,17 @@ def compile_for_sampling(model: MAR, **compile_kwargs) -> MAR:
     new sequence length at every MAR step and the head a new row count, so shapes are marked dynamic
     unless ``compile_kwargs`` says otherwise). Results agree with eager to float rounding, not bit for bit.
     On CPU it brought no speed-up (benchmarks/README.md); it is meant for GPUs. Returns ``model``.
+
+    ``head_kwargs`` replaces ``compile_kwargs`` for the head's MLP (and an attached distilled head's student):
+    with the ``row_bucket`` sampling option the head sees only a few row counts, so
+    ``head_kwargs={"mode": "reduce-overhead", "dynamic": False}`` captures one CUDA graph per count.
     """
     compile_kwargs.setdefault("dynamic", True)
     for block in (*model.encoder_blocks, *model.decoder_blocks):
         block.compile(**compile_kwargs)
-    model.head.net.compile(**compile_kwargs)
+    head_kwargs = compile_kwargs if head_kwargs is None else head_kwargs
+    model.head.net.compile(**head_kwargs)
+    distilled = getattr(model.head, "distilled_head", None)
+    if distilled is not None:
+        distilled.student.net.compile(**head_kwargs)
     return model

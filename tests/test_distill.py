@@ -164,6 +164,13 @@ def test_per_sample_generators_give_batch_independent_rows():
         alone = head.sample(one, temperature=0.8, cfg=cfg, generator=gens([11]), num_steps=3)
         torch.testing.assert_close(batch[2:4], alone, rtol=1e-6, atol=1e-6)
         assert not torch.allclose(batch[0:2], batch[2:4])
+        # static shapes: the student runs on rows padded to a multiple of 8, the tokens are the same rows
+        seen = []
+        hook = head.student.register_forward_hook(lambda m, args, out: seen.append(len(args[0])))
+        padded = head.sample(full, temperature=0.8, cfg=cfg, generator=gens([10, 11, 12]), num_steps=3, row_bucket=8)
+        hook.remove()
+        assert seen == [8, 8, 8] and padded.shape == batch.shape
+        torch.testing.assert_close(padded, batch, rtol=1e-6, atol=1e-6)
 
 
 def test_bad_input_gives_one_clear_error(tmp_path):

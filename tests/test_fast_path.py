@@ -236,6 +236,50 @@ def test_fast_path_per_sample_generators_are_batch_independent():
             assert err < 1e-5, (sampler, eta, i, err)
 
 
+# ------------------------------------------------------------------ static shapes (row_bucket)
+def test_row_bucket_gives_the_same_tokens_with_few_static_shapes():
+    """The head's rows padded to a multiple of R: its net sees only multiples of R (so CUDA graphs can capture
+    them), the draws are unchanged, and the tokens equal the unpadded ones to float rounding, on the exact
+    sampler, DDIM, per-sample generators and the feature cache."""
+    model = tiny_model()
+    seen = []
+    hook = model.diffloss.net.register_forward_hook(lambda m, args, out: seen.append(len(args[0])))
+    labels, gens = torch.tensor([2, 5, 7]), lambda: [torch.Generator().manual_seed(100 + i) for i in range(3)]
+    cases = [dict(cfg=3.0), dict(cfg=1.0), dict(cfg=2.0, sampler="ddim", diffusion_steps_schedule=(8, 3)),
+             dict(cfg=2.0, sampler="ddim", feature_cache="both", cache_refresh=2)]
+    for kw in cases:
+        seen.clear()
+        ref = model.sample_tokens(3, num_iter=5, labels=labels, generator=gens(), **kw)
+        plain = sorted(set(seen))
+        seen.clear()
+        padded = model.sample_tokens(3, num_iter=5, labels=labels, generator=gens(), row_bucket=32, **kw)
+        assert len(plain) > 2 and all(n % 32 for n in plain), (kw, plain)  # the rows as they come: many counts
+        assert set(seen) <= {32, 64} and seen, (kw, sorted(set(seen)))  # padded: multiples of 32 only
+        assert _rel_err(padded, ref) < 1e-5, kw
+    hook.remove()
+    with pytest.raises(ValueError, match="row_bucket must be"):
+        model.sample_tokens(1, num_iter=2, row_bucket=0)
+    with pytest.raises(ValueError, match="row_bucket must be"):
+        model.diffloss.sample(torch.randn(2, 64), row_bucket=2.5)
+
+
+def test_row_padded_net_returns_the_real_rows():
+    from diffloss.loss import pad_rows, padded_rows, row_padded
+
+    assert [padded_rows(n, 8) for n in (1, 8, 9, 16)] == [8, 8, 16, 16] and padded_rows(5, None) == 5
+    calls = []
+
+    def net(x, t, c):
+        calls.append((len(x), len(t), len(c)))
+        return x * 2 + t[:, None] + c[:, :1]
+
+    c = torch.arange(5.0)[:, None].repeat(1, 3)
+    x, t = torch.ones(5, 2), torch.arange(5)
+    out = row_padded(net, c, 4)(x, t, c)
+    assert calls == [(8, 8, 8)] and torch.equal(out, net(x, t, c))
+    assert torch.equal(pad_rows(x, 7)[5:], torch.zeros(2, 2))
+
+
 # ------------------------------------------------------------------ autocast
 def _rel_err(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
@@ -288,6 +332,20 @@ def test_compile_for_sampling_keeps_parameter_names():
     assert list(model.state_dict()) == keys
     assert all(b._compiled_call_impl is not None for b in model.encoder_blocks)
     assert model.diffloss.net._compiled_call_impl is not None
+    # head_kwargs: the head (and an attached distilled head's student) compiled with its own, static settings
+    from diffloss.distill import DistilledHead
+
+    model = tiny_model()
+    model.diffloss.attach_distilled(DistilledHead(4, model.diffloss.net.cond_embed.in_features, depth=1, width=8,
+                                                  steps=(1,), teacher_steps=4))
+    calls = []
+    for module in (model.diffloss.net, model.diffloss.distilled_head.student.net, model.encoder_blocks[0]):
+        module.compile = lambda m=module, **kw: calls.append((m, kw))
+    compile_for_sampling(model, head_kwargs={"mode": "reduce-overhead", "dynamic": False})
+    got = {id(m): kw for m, kw in calls}
+    assert got[id(model.encoder_blocks[0])] == {"dynamic": True}
+    assert got[id(model.diffloss.net)] == got[id(model.diffloss.distilled_head.student.net)] == {
+        "mode": "reduce-overhead", "dynamic": False}
 
 
 # ------------------------------------------------------------------ the quality benchmark script runs

@@ -395,6 +395,15 @@ def test_fast_path_flags_are_opt_in_and_recorded(files, tmp_path, capsys):
     assert any((pngs(exact)[k] != pngs(fast)[k]).any() for k in pngs(exact))
     code, _, err = call(capsys, "--run", str(files / "run"), "--num-images", "4", "--out", str(fast))
     assert code == 2 and "another --out" in err
+    # the feature cache and the static-shape padding are part of the key too (absent at their defaults)
+    cached = tmp_path / "cached"
+    assert call(capsys, "--run", str(files / "run"), "--num-images", "4", "--out", str(cached), "--feature-cache",
+                "both", "--cache-refresh", "3", "--row-bucket", "16")[0] == 0
+    key = settings(cached)["key"]
+    assert (key["feature_cache"], key["cache_refresh"], key["row_bucket"]) == ("both", 3, 16)
+    assert not {"feature_cache", "cache_refresh", "row_bucket"} & set(settings(exact)["key"])
+    code, _, err = call(capsys, "--run", str(files / "run"), "--num-images", "4", "--out", str(cached))
+    assert code == 2 and "another --out" in err
 
 
 def test_clip_denoised_from_the_run_config_and_the_command_line(files, tmp_path, capsys):

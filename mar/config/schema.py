@@ -247,6 +247,10 @@ class SamplingOptions:
     # A few-step distilled head (opt-in): sample with the distilled head attached to the model (its weights load
     # beside the MAR weights) in this many steps, instead of the Diffusion Loss sampler. None = the head's sampler.
     distilled_steps: Optional[int] = None
+    # Static shapes for CUDA graphs (opt-in): the head's net runs on its rows padded with zeros up to a multiple of
+    # row_bucket, so a whole generation shows it only a few row counts (``torch.compile(mode="reduce-overhead")``
+    # captures one graph per count). The draws and the real rows' arithmetic are unchanged. None = as they come.
+    row_bucket: Optional[int] = None
 
     def __post_init__(self) -> None:
         from mar.categorical import check_top
@@ -258,7 +262,7 @@ class SamplingOptions:
         _check(isinstance(self.more_smooth, bool), f"more_smooth must be true or false, got {self.more_smooth!r}")
         _check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got "
                                              f"{self.precision!r}")
-        check_sampling_options(self.sampler, self.eta, self.autocast_dtype, self.clip_denoised)
+        check_sampling_options(self.sampler, self.eta, self.autocast_dtype, self.clip_denoised, self.row_bucket)
         steps = self.diffusion_steps_schedule
         if steps is not None:
             _check(isinstance(steps, (tuple, list)) and len(steps) == 2

@@ -67,6 +67,10 @@ def settings_key(run: Run, setting: Setting, seed: int, classes) -> dict:
         key["diffusion_steps_shape"] = o.diffusion_steps_shape
     if o.clip_denoised is not None:  # absent = the reference sampler
         key["clip_denoised"] = o.clip_denoised
+    if o.feature_cache != "off":  # the cached loop makes other images; absent = the reference loop
+        key["feature_cache"], key["cache_refresh"] = o.feature_cache, o.cache_refresh
+    if o.row_bucket is not None:  # padded rows: the same images to float rounding, recorded as made
+        key["row_bucket"] = o.row_bucket
     for name in ("top_k", "top_p", "choice_temperature", "more_smooth"):  # categorical / VAR; at defaults no key
         if getattr(o, name) != getattr(SamplingOptions, name):
             key[name] = getattr(o, name)

@@ -287,7 +287,12 @@ def test_every_committed_config_loads_and_the_main_job_recipes_resolve_through_t
         load_config(TrainConfig, path)  # unknown keys, wrong types and ranges raise ConfigError naming the file
     tok = load_config(TrainConfig, root / "fmnist_main_tokenizer.yaml")
     assert (tok.task, tok.tokenizer.preset, tok.vae.disc_weight, tok.vae.perceptual_weight, tok.vae.export_ema) == \
-        ("tokenizer", "kl_f4_c8_lean", 0.0, 1.0, True)
+        ("tokenizer", "kl_f4_c8_tiny", 0.0, 1.0, True)
+    assert (tok.train.max_steps, tok.vae.perceptual_net) == (650, "runs/fmnist/perceptual_main/perceptual.safetensors")
     mar = load_config(TrainConfig, root / "fmnist_main_mar.yaml")
     assert (mar.model.preset, mar.model.diffusion_batch_mul, mar.tokenizer.preset, mar.train.max_steps) == \
-        ("mar_mini", 2, "kl_f4_c8_lean", 300)
+        ("mar_mini", 2, "kl_f4_c8_tiny", 300)
+    perc = load_config(TrainConfig, root / "fmnist_main_perceptual.yaml")
+    full = load_config(TrainConfig, root / "fmnist_perceptual.yaml")
+    assert (perc.task, perc.perceptual.widths, perc.data.split, perc.train.seed) == \
+        ("feature_net", [16, 32, 64], full.data.split, full.train.seed)

@@ -194,6 +194,25 @@ def test_kl16_preset_param_count_and_layout_match_manifest():
     assert ours == read_manifest()
 
 
+def test_tiny_preset_is_the_lean_one_at_half_width():
+    """kl_f4_c8_tiny (the main job's tokenizer) has the lean preset's state-dict keys, so it stays load-compatible
+    with diffusers' AutoencoderKL, and every width halved: each tensor dim is the lean one's or half of it."""
+    with torch.device("meta"):
+        lean = build_autoencoder(kl_vae_preset("kl_f4_c8_lean", in_channels=1, out_channels=1)).state_dict()
+        tiny = build_autoencoder(kl_vae_preset("kl_f4_c8_tiny", in_channels=1, out_channels=1)).state_dict()
+    assert tiny.keys() == lean.keys()
+    halved = 0
+    for k in lean:
+        a, b = lean[k].shape, tiny[k].shape
+        assert len(a) == len(b) and all(y in (x, x // 2) for x, y in zip(a, b)), k
+        halved += a != b
+    assert halved > len(lean) // 2
+    assert 3 * sum(v.numel() for v in tiny.values()) < sum(v.numel() for v in lean.values())
+    tok = KLTokenizer(kl_vae_preset("kl_f4_c8_tiny", in_channels=1, out_channels=1))
+    with torch.no_grad():
+        assert tok.encode(torch.zeros(2, 1, 32, 32), sample=False).shape == (2, 8, 8, 8)
+
+
 def test_unknown_preset_and_bad_configs_raise():
     with pytest.raises(ValueError, match="kl16"):
         kl_vae_preset("kl_f16_c99")

@@ -295,4 +295,4 @@ def test_every_committed_config_loads_and_the_main_job_recipes_resolve_through_t
     perc = load_config(TrainConfig, root / "fmnist_main_perceptual.yaml")
     full = load_config(TrainConfig, root / "fmnist_perceptual.yaml")
     assert (perc.task, perc.perceptual.widths, perc.data.split, perc.train.seed) == \
-        ("feature_net", [16, 32, 64], full.data.split, full.train.seed)
+        ("feature_net", (16, 32, 64), full.data.split, full.train.seed)

@@ -290,8 +290,10 @@ def test_every_committed_config_loads_and_the_main_job_recipes_resolve_through_t
         ("tokenizer", "kl_f4_c8_tiny", 0.0, 1.0, True)
     assert (tok.train.max_steps, tok.vae.perceptual_net) == (650, "runs/fmnist/perceptual_main/perceptual.safetensors")
     mar = load_config(TrainConfig, root / "fmnist_main_mar.yaml")
-    assert (mar.model.preset, mar.model.diffusion_batch_mul, mar.tokenizer.preset, mar.train.max_steps) == \
-        ("mar_mini", 2, "kl_f4_c8_tiny", 300)
+    assert (mar.model.preset, mar.model.patch_size, mar.model.diffusion_batch_mul, mar.tokenizer.preset,
+            mar.train.max_steps) == ("mar_mini", 2, 2, "kl_f4_c8_tiny", 1600)
+    main = (root.parent / ".ci" / "main").read_text()  # the job passes its steps on the command line: the same
+    assert "mar_steps=1600;" in main and "tok_steps=650;" in main
     perc = load_config(TrainConfig, root / "fmnist_main_perceptual.yaml")
     full = load_config(TrainConfig, root / "fmnist_perceptual.yaml")
     assert (perc.task, perc.perceptual.widths, perc.data.split, perc.train.seed) == \

@@ -7,11 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
-from mar.eval.classifier import class_accuracy, load_classifier
+from mar.eval.metrics import folder_class_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "pretrained" / "fmnist" / "mar_patch2_ema.safetensors"
@@ -28,8 +24,6 @@ def test_shipped_patch2_weights_sample_the_classes_asked_for(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted((tmp_path / "s").glob("*_c*.png"))
     assert len(files) == 40 and len({int(f.stem.split("_c")[1]) for f in files}) == 10
-    images = torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("L")) for f in files]))
-    labels = torch.tensor([int(f.stem.split("_c")[1]) for f in files])
-    acc = class_accuracy(load_classifier(str(ROOT / "pretrained" / "fmnist" / "classifier.safetensors")), images, labels)
-    # 95.4 % at 500 samples (cfg 7: 96.0 %); chance is 10 %, the 64-token default weights give 89.9 %.
+    acc = folder_class_accuracy(str(tmp_path / "s"), str(ROOT / "pretrained" / "fmnist" / "classifier.safetensors"))
+    # At cfg 7: 96.0 % of 500 samples, 94.8 % of 10,000; chance is 10 %, the 64-token default weights give 89.9 %.
     assert acc >= 0.8, acc
